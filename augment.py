@@ -1,0 +1,277 @@
+"""CIFAR data: loading from CIFAR's on-disk format, its constants, and albumentations augmentation.
+
+    from augment import load_dataset, train_transform, AugmentedImages, SeededBatchSampler
+    data = load_dataset("cifar10", "./data", download=True)   # uint8 NHWC arrays + class names
+    dataset = AugmentedImages(data.train_images, data.train_labels, train_transform(data.mean))
+    loader = DataLoader(dataset, batch_sampler=SeededBatchSampler(len(dataset), 512, seed=0), num_workers=4)
+
+Images stay uint8 from disk to the device (4x fewer bytes than float32 through worker queues and the
+host-to-device copy); `normalize` turns a uint8 batch into the model's input on the device.
+
+Augmentation is a pure function of (seed, epoch, batch): SeededBatchSampler hands each batch its own
+seed and AugmentedImages re-seeds the transform with it. So every DataLoader worker draws its own stream
+(albumentations 2.0.8 copies one generator state into every worker, which would otherwise give them all
+the same augmentations), the same --seed gives the same augmentations whatever the worker count, and a
+resumed run draws what an uninterrupted one would have drawn.
+"""
+import hashlib
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Per-channel statistics of the training images, in [0, 1] (airbench; the often-copied
+# CIFAR-10 std (0.2023, 0.1994, 0.2010) is wrong).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a CIFAR dataset lives and what its official files are (names and md5 from torchvision)."""
+    title: str
+    folder: str          # the extracted folder inside --data-dir
+    archive: str
+    url: str
+    archive_md5: str
+    train_files: tuple   # ((name, md5), ...)
+    test_files: tuple
+    meta_file: tuple     # (name, md5)
+    class_names_key: str
+    mean: tuple
+    std: tuple
+
+
+# CIFAR-10's official files (torchvision.datasets.CIFAR10 holds the same names and checksums).
+CIFAR10 = DatasetSpec(
+    title="CIFAR-10", folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    archive_md5="c58f30108f718f92721af3b95e74349a",
+    train_files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+                 ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+                 ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+                 ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+                 ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
+    test_files=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
+    meta_file=("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+    class_names_key="label_names", mean=CIFAR10_MEAN, std=CIFAR10_STD)
+
+CIFAR100 = DatasetSpec(
+    title="CIFAR-100", folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+    train_files=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
+    test_files=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+    meta_file=("meta", "7973b15100ade9c7d40fb424638fde48"),
+    class_names_key="fine_label_names", mean=CIFAR100_MEAN, std=CIFAR100_STD)
+
+DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+
+
+class DatasetError(RuntimeError):
+    """The dataset is missing, cannot be downloaded, or its files are not in CIFAR's format."""
+
+
+@dataclass
+class ImageData:
+    """A dataset in memory: uint8 images (N, 32, 32, 3) and int64 labels (N,)."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list
+    mean: tuple
+    std: tuple
+    official: bool       # all files matched the official checksums
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _all_files(spec):
+    return spec.train_files + spec.test_files + (spec.meta_file,)
+
+
+def _download(spec, data_dir):
+    """Fetch and extract the archive with torchvision (which checks its md5), or say what to do instead."""
+    from torchvision.datasets.utils import download_and_extract_archive  # slow import: only when needed
+
+    manual = (f"download {spec.url} yourself and put {spec.archive} (or its extracted {spec.folder}/ "
+              f"folder) in {data_dir}/, then run again")
+    try:
+        download_and_extract_archive(spec.url, data_dir, filename=spec.archive, md5=spec.archive_md5)
+    except Exception as error:  # URLError, HTTPError, socket errors, a bad archive: all end the same way
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise DatasetError(f"could not download {spec.title} ({reason}); {manual}") from None
+
+
+def _read_pickle(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")  # CIFAR's pickles were written by Python 2
+    except Exception as error:
+        raise DatasetError(f"{path} is not a CIFAR pickle ({type(error).__name__}); "
+                           f"delete the folder and let train.py download it again") from None
+
+
+def _read_batches(folder, files):
+    """Concatenate CIFAR batch files into uint8 (N, 32, 32, 3) images and int64 labels."""
+    images, labels = [], []
+    for name, _ in files:
+        path = os.path.join(folder, name)
+        entry = _read_pickle(path)
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise DatasetError(f"{path} is not a CIFAR batch ({type(error).__name__}: {error})") from None
+        if len(batch_labels) != len(data):
+            raise DatasetError(f"{path} holds {len(data)} images but {len(batch_labels)} labels")
+        images.append(data.transpose(0, 2, 3, 1))  # CIFAR stores CHW rows; keep HWC as albumentations wants
+        labels.append(np.asarray(batch_labels, dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def load_dataset(name, data_dir, download=True):
+    """Load CIFAR-10 or CIFAR-100 from `data_dir`, downloading it first if it is missing and allowed.
+
+    A folder whose files differ from the official ones (a re-encoded copy, a development split) still
+    loads, with a one-line warning, so that numbers from it are never mistaken for official ones.
+    """
+    spec = DATASETS[name]
+    folder = os.path.join(data_dir, spec.folder)
+    missing = [n for n, _ in _all_files(spec) if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        if not download:
+            raise DatasetError(f"{spec.title} not found: {folder}/ lacks {', '.join(missing)}; download "
+                               f"{spec.url} and extract it into {data_dir}/ (or allow the download)")
+        _download(spec, data_dir)
+    mismatched = [n for n, md5 in _all_files(spec) if _md5(os.path.join(folder, n)) != md5]
+    if mismatched:
+        _warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
+              f"checksums); loading it anyway, so its accuracies are not official test accuracies")
+    train_images, train_labels = _read_batches(folder, spec.train_files)
+    test_images, test_labels = _read_batches(folder, spec.test_files)
+    meta = _read_pickle(os.path.join(folder, spec.meta_file[0]))
+    classes = list(meta.get(spec.class_names_key, [])) if isinstance(meta, dict) else []
+    if not classes or max(train_labels.max(), test_labels.max()) >= len(classes) or min(
+            train_labels.min(), test_labels.min()) < 0:
+        raise DatasetError(f"{folder}/ has labels outside its {len(classes)} class names")
+    return ImageData(train_images, train_labels, test_images, test_labels, classes,
+                     spec.mean, spec.std, official=not mismatched)
+
+
+def mean_colour(mean):
+    """The dataset's mean colour as uint8 RGB: cutout's fill, which normalizes to about zero."""
+    return tuple(int(round(255 * m)) for m in mean)
+
+
+def train_transform(mean, cutout=16, pad_crop=4, flip=True):
+    """albumentations pipeline on uint8 HWC images, returning uint8 CHW tensors (normalized later, on the device).
+
+    Reflect-pad by `pad_crop` then a random 32x32 crop; horizontal flip; one `cutout` x `cutout` hole
+    filled with the mean colour (DeVries & Taylor 2017). 0 (or False) turns a step off.
+    """
+    import cv2
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    steps = []
+    if pad_crop:
+        steps += [A.Pad(pad_crop, border_mode=cv2.BORDER_REFLECT_101), A.RandomCrop(32, 32)]
+    if flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if cutout:
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout, cutout),
+                                     hole_width_range=(cutout, cutout), fill=mean_colour(mean), p=1.0))
+    steps.append(ToTensorV2())
+    return A.Compose(steps)
+
+
+def reseed(transform, seed):
+    """Give the Compose and each of its transforms an independent stream derived from `seed`.
+
+    Compose.set_random_seed would hand every transform the same seed, so their draws would be equal
+    (a flip decision tied to the crop position); SeedSequence gives each its own.
+    """
+    children = list(getattr(transform, "transforms", []))
+    seeds = np.random.SeedSequence(seed).generate_state(len(children) + 1)
+    transform.set_random_seed(int(seeds[0]))  # this seeds the children too, all alike: re-seed them below
+    for child, child_seed in zip(children, seeds[1:]):
+        child.set_random_seed(int(child_seed))
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """uint8 HWC images through an albumentations transform, no PIL round trip.
+
+    Indexed by an int it uses the transform's running stream. Fetched in batches from a
+    SeededBatchSampler (DataLoader calls __getitems__ with its `(seed, indices)`), it re-seeds first.
+    """
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.transform(image=self.images[index])["image"], int(self.labels[index])
+
+    def __getitems__(self, seeded_batch):
+        batch_seed, indices = seeded_batch
+        reseed(self.transform, batch_seed)
+        return [self[i] for i in indices]
+
+
+class SeededBatchSampler:
+    """Shuffled batches of indices, each with its own augmentation seed, both fixed by (seed, epoch, batch).
+
+    Call set_epoch(epoch) before each epoch, as with DistributedSampler.
+    """
+
+    def __init__(self, size, batch_size, seed, shuffle=True, drop_last=True):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.shuffle = shuffle
+        # Dropping a ragged last batch keeps batch statistics sound and shapes static (torch.compile),
+        # unless there would be no batch at all.
+        self.drop_last = drop_last and size >= batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle
+                 else np.arange(self.size))
+        for batch in range(len(self)):
+            indices = order[batch * self.batch_size:(batch + 1) * self.batch_size].tolist()
+            yield [self.seed, self.epoch, batch], indices
+
+
+def to_tensor(images):
+    """uint8 (N, H, W, 3) array -> uint8 (N, 3, H, W) tensor view: evaluation's whole transform."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def normalize(images, mean, std):
+    """uint8 (B, 3, H, W) on any device -> float32 normalized, channels_last if the input was."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std

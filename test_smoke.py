@@ -1,0 +1,341 @@
+"""The project's tests: CPU only, no downloads, a tiny dataset written in CIFAR-10's real on-disk format.
+
+    python -m pytest            # everything
+    python -m pytest -k resume  # one topic
+"""
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI on import
+
+import dataclasses
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import augment
+import resnet
+import train
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# A class-specific colour makes a task that ResNet18 learns in a few CPU steps, to show that training learns.
+CLASS_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                          [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]])
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def write_cifar_batch(path, images, labels):
+    """Write images (N, 32, 32, 3) uint8 in CIFAR-10's python format: a pickle of CHW rows."""
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    with open(path, "wb") as f:
+        pickle.dump({"batch_label": "test", "labels": [int(x) for x in labels], "data": rows,
+                     "filenames": [f"{i}.png" for i in range(len(labels))]}, f)
+
+
+def coloured_images(count, seed):
+    """Images whose colour gives their class away, plus noise, so that a model can learn them fast."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 10
+    noise = rng.normal(0, 25, size=(count, 32, 32, 3))
+    images = np.clip(CLASS_COLOURS[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def write_cifar_folder(root, train_per_batch=40, test_count=40, seed=0):
+    """`root`/cifar-10-batches-py with five training batches, a test batch and batches.meta."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    for b in range(5):
+        images, labels = coloured_images(train_per_batch, seed + b)
+        write_cifar_batch(os.path.join(folder, f"data_batch_{b + 1}"), images, labels)
+    images, labels = coloured_images(test_count, seed + 99)
+    write_cifar_batch(os.path.join(folder, "test_batch"), images, labels)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": train_per_batch, "num_vis": 3072}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return write_cifar_folder(str(tmp_path_factory.mktemp("data")))
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    """A run that takes a second or two on a CPU."""
+    return ["--data-dir", data_dir, "--out-dir", str(out_dir), "--device", "cpu", "--epochs", "2",
+            "--batch-size", "32", "--train-subset", "64", "--workers", "0", *extra]
+
+
+def error_lines(err):
+    """stderr without the tiny dataset's expected 'not the official CIFAR-10' warning."""
+    return [line for line in err.splitlines() if not line.startswith("warning: ")]
+
+
+def run_main(module, argv, capsys=None):
+    """Call module.main(argv) and return (exit code, stderr): argparse's errors arrive as SystemExit."""
+    try:
+        code = module.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, (capsys.readouterr().err if capsys else "")
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory):
+    """One tiny 2-epoch run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(tiny_args(data_dir, out)) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_model_shape_parameters_and_layer_names():
+    model = resnet.resnet18(num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    names = [name for name, _ in model.named_children()]
+    assert names[2:6] == ["layer1", "layer2", "layer3", "layer4"]
+    assert resnet.resnet18(num_classes=100)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+
+
+# ----------------------------------------------------------------------------- augmentation and data
+
+def test_train_transform_output_and_cutout_fill():
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    out = augment.train_transform(augment.CIFAR10_MEAN, cutout=16)(image=image)["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    fill = torch.tensor(augment.mean_colour(augment.CIFAR10_MEAN), dtype=torch.uint8).view(3, 1)
+    hole = (out == fill.view(3, 1, 1)).all(0)
+    assert hole.sum() == 16 * 16  # one 16x16 square in the mean colour, everything else untouched
+    assert (out[:, ~hole] == 200).all()
+
+
+def test_normalize_uses_cifar_statistics():
+    mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    images = torch.tensor(augment.mean_colour(mean), dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    assert augment.normalize(images, mean, std).abs().max() < 0.01  # the mean colour maps to ~0
+    white = augment.normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8), mean, std)
+    expected = [(1 - m) / s for m, s in zip(mean, std)]
+    assert torch.allclose(white.flatten(), torch.tensor(expected), atol=1e-5)
+
+
+def augmented_batches(seed, workers, batches=4):
+    images = np.tile(coloured_images(1, 0)[0], (32 * batches, 1, 1, 1))  # one image, many times
+    dataset = augment.AugmentedImages(images, np.zeros(len(images), dtype=np.int64),
+                                      augment.train_transform(augment.CIFAR10_MEAN))
+    sampler = augment.SeededBatchSampler(len(dataset), 32, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    return [x for x, _ in loader]
+
+
+def test_same_seed_same_augmentations_whatever_the_workers():
+    first, again, two_workers = augmented_batches(0, 0), augmented_batches(0, 0), augmented_batches(0, 2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, two_workers))
+    assert not torch.equal(first[0], augmented_batches(1, 0)[0])
+
+
+def test_two_workers_draw_different_augmentations():
+    # Batches 0 and 1 come from worker 0 and worker 1. Without per-batch seeding, albumentations 2.0.8
+    # gives every worker a copy of one generator state, and these two batches would be identical.
+    batches = augmented_batches(0, workers=2)
+    assert not torch.equal(batches[0], batches[1])
+    assert not torch.equal(batches[2], batches[3])
+    # Within a batch, the images of one source image differ too.
+    assert len({tuple(x.flatten().tolist()) for x in batches[0]}) > 20
+
+
+def test_reseed_gives_each_transform_its_own_stream():
+    transform = augment.train_transform(augment.CIFAR10_MEAN)
+    augment.reseed(transform, [0, 1, 2])
+    draws = [t.py_random.random() for t in transform.transforms]
+    assert len(set(draws)) == len(draws)  # Compose.set_random_seed would make them all equal
+
+
+def test_sampler_covers_data_and_changes_order_per_epoch():
+    sampler = augment.SeededBatchSampler(100, 32, seed=0)
+    first = [i for _, batch in sampler for i in batch]
+    sampler.set_epoch(1)
+    second = [i for _, batch in sampler for i in batch]
+    assert len(sampler) == 3 and len(first) == 96 and len(set(first)) == 96
+    assert first != second
+    assert len(augment.SeededBatchSampler(10, 32, seed=0)) == 1  # never zero batches
+
+
+def test_load_dataset_reads_cifar_format_exactly(tmp_path, capsys):
+    root = write_cifar_folder(str(tmp_path))
+    data = augment.load_dataset("cifar10", root, download=False)
+    expected, labels = coloured_images(40, 0)
+    assert data.train_images.shape == (200, 32, 32, 3) and data.train_images.dtype == np.uint8
+    assert np.array_equal(data.train_images[:40], expected) and np.array_equal(data.train_labels[:40], labels)
+    assert data.test_images.shape == (40, 32, 32, 3) and data.classes == CLASSES
+    assert not data.official
+    assert "not the official CIFAR-10" in capsys.readouterr().err  # a copy loads, with a warning
+
+
+def test_missing_dataset_without_download_says_where(tmp_path):
+    with pytest.raises(augment.DatasetError, match="cifar-10-python.tar.gz"):
+        augment.load_dataset("cifar10", str(tmp_path), download=False)
+
+
+def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    # Nothing listens on port 9 of the loopback: the download fails at once, as it does offline.
+    unreachable = dataclasses.replace(augment.CIFAR10, url="http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setitem(augment.DATASETS, "cifar10", unreachable)
+    with pytest.raises(augment.DatasetError) as error:
+        augment.load_dataset("cifar10", str(tmp_path), download=True)
+    message = str(error.value)
+    assert "could not download" in message and unreachable.url in message and str(tmp_path) in message
+    assert "\n" not in message
+
+
+# ----------------------------------------------------------------------------- training end to end
+
+def test_training_writes_log_and_checkpoints(trained_run):
+    log = json.loads((trained_run / "log.json").read_text())
+    assert log["format"] == train.LOG_FORMAT and log["classes"] == CLASSES
+    assert log["args"]["epochs"] == 2 and log["environment"]["device"] == "cpu"
+    assert [r["epoch"] for r in log["epochs"]] == [1, 2]
+    for record in log["epochs"]:
+        assert {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta",
+                "seconds", "images_per_s"} <= set(record)
+        assert 0 <= record["test_acc"] <= 1 and record["images_per_s"] > 0
+    summary = log["summary"]
+    assert summary["final_test_acc"] == log["epochs"][-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in log["epochs"])
+    assert set(log["per_class_accuracy"]) == set(CLASSES)
+    confusion = np.array(log["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 40
+    assert np.trace(confusion) / 40 == pytest.approx(summary["final_test_acc"])
+
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(trained_run / name, weights_only=True)
+        assert checkpoint["format"] == resnet.CHECKPOINT_FORMAT
+        assert {"model", "model_args", "classes", "mean", "std", "optimizer", "scheduler", "scaler", "rng",
+                "epoch", "args", "history"} <= set(checkpoint)
+        assert checkpoint["classes"] == CLASSES and tuple(checkpoint["mean"]) == augment.CIFAR10_MEAN
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
+        model = resnet.model_from_checkpoint(checkpoint)
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert torch.load(trained_run / "last.pt", weights_only=True)["epoch"] == 2
+    assert not [n for n in os.listdir(trained_run) if ".tmp-" in n]
+
+
+def test_training_learns_a_learnable_task(data_dir, tmp_path):
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "4", "--train-subset", "200", "--batch-size", "20")
+    assert train.main(argv) == 0
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["epochs"][-1]["test_acc"] >= 0.5, log["epochs"]  # chance is 0.1
+    assert log["epochs"][-1]["train_loss"] < log["epochs"][0]["train_loss"]
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, capsys):
+    argv = ["--epochs", "3", "--deterministic"]
+    straight = tmp_path / "straight"
+    assert train.main(tiny_args(data_dir, straight, *argv)) == 0
+
+    # Interrupt the second run as Ctrl-C would, right after epoch 2 is saved.
+    interrupted = tmp_path / "interrupted"
+    save = train.Run.save
+
+    def save_then_interrupt(self, record, confusion):
+        save(self, record, confusion)
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Run, "save", save_then_interrupt)
+    code, err = run_main(train, tiny_args(data_dir, interrupted, *argv), capsys)
+    assert code == 130 and "--resume" in err
+    assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.undo()
+
+    assert train.main(["--resume", str(interrupted / "last.pt"), "--device", "cpu", "--workers", "0",
+                       "--data-dir", data_dir]) == 0
+    resumed_log = json.loads((interrupted / "log.json").read_text())
+    straight_log = json.loads((straight / "log.json").read_text())
+    assert [r["epoch"] for r in resumed_log["epochs"]] == [1, 2, 3]
+    for a, b in zip(resumed_log["epochs"], straight_log["epochs"]):
+        for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
+            assert a[key] == b[key], (key, a, b)
+    resumed = torch.load(interrupted / "last.pt", weights_only=True)["model"]
+    uninterrupted = torch.load(straight / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_plateau_schedule_watches_validation_not_test(data_dir, tmp_path):
+    argv = tiny_args(data_dir, tmp_path, "--schedule", "plateau", "--lr", "0.01", "--batch-size", "16",
+                     "--weight-decay", "0", "--label-smoothing", "0", "--val-split", "16")
+    assert train.main(argv) == 0
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert all("val_acc" in r for r in log["epochs"]) and log["summary"]["best_checkpoint_metric"] == "val_acc"
+    assert log["epochs"][0]["lr"] == 0.01
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--resume", "/nonexistent/last.pt"], "not found"),
+])
+def test_bad_arguments_exit_2_with_one_line(data_dir, tmp_path, capsys, extra, message):
+    code, err = run_main(train, tiny_args(data_dir, tmp_path, *extra), capsys)
+    assert code == 2 and message in err and len(error_lines(err)) == 1, err
+
+
+def test_cuda_asked_for_but_absent(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also true on a GPU machine
+    code, err = run_main(train, tiny_args(data_dir, tmp_path, "--device", "cuda"), capsys)
+    assert code == 2 and "no CUDA GPU" in err
+
+
+def test_unwritable_out_dir(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_main(train, tiny_args(data_dir, blocker / "run"), capsys)
+    assert code == 2 and "cannot write to output folder" in err
+
+
+def test_missing_data_without_download(tmp_path, capsys):
+    code, err = run_main(train, tiny_args(str(tmp_path / "empty"), tmp_path / "run", "--no-download"), capsys)
+    assert code == 2 and "CIFAR-10 not found" in err and len(error_lines(err)) == 1
+
+
+def test_resume_rejects_corrupt_foreign_and_mismatched_checkpoints(data_dir, trained_run, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(os.urandom(1000))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    other_classes = tmp_path / "cifar100.pt"
+    checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
+    checkpoint["model_args"] = {"num_classes": 100}
+    torch.save(checkpoint, other_classes)
+    for path, message in [(corrupt, "corrupt"), (foreign, "not a checkpoint written by train.py"),
+                          (other_classes, "is for 100 classes")]:
+        code, err = run_main(train, ["--resume", str(path), "--data-dir", data_dir, "--device", "cpu",
+                                     "--workers", "0", "--out-dir", str(tmp_path / "out")], capsys)
+        assert code == 2 and message in err and len(error_lines(err)) == 1, err
+
+
+def test_diverging_run_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    save = train.Run.save
+
+    def save_then_raise_lr(self, record, confusion):  # epoch 1 trains well, then the lr explodes
+        save(self, record, confusion)
+        for group in self.runner.optimizer.param_groups:
+            group["lr"] = 1e12
+        self.runner.per_step_schedule = False
+
+    monkeypatch.setattr(train.Run, "save", save_then_raise_lr)
+    code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
+    assert code == 1 and "NaN or infinite at epoch 2, step" in err and len(error_lines(err)) == 1, err
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]

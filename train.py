@@ -1,0 +1,785 @@
+"""Train ResNet18 (CIFAR variant) on CIFAR-10 with albumentations augmentation.
+
+    python train.py --epochs 50                                        # the default recipe, on a GPU
+    python train.py --epochs 2 --train-subset 2000 --device cpu        # a quick check on a CPU
+    python train.py --resume last.pt                                   # continue a stopped run
+    python train.py --benchmark                                        # where the time goes (no download)
+
+Writes into --out-dir (default: the current folder) log.json (rewritten after every epoch), last.pt
+(every epoch, for --resume) and best.pt (the best epoch so far), which is what `gradcam.py` and
+`plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
+torch.load(path, weights_only=True) reads them.
+"""
+import argparse
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint, resnet18
+
+LOG_NAME, LAST_NAME, BEST_NAME, LOCK_NAME = "log.json", "last.pt", "best.pt", ".train.lock"
+LOG_FORMAT = "resnet18-cifar-log/1"
+# Flags that describe the machine and files rather than the recipe: --resume takes them from the
+# command line; every other flag comes from the checkpoint, so the schedule continues unchanged.
+RUNTIME_FLAGS = ("device", "workers", "data_dir", "out_dir", "download", "compile", "resume",
+                 "benchmark", "benchmark_steps")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived; the run stopped at a step boundary."""
+
+
+class WriteFailed(Exception):
+    """A checkpoint or log could not be written (full disk, say); the previous versions are intact."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The defaults are a published recipe, not tuned on any test set: batch 512; SGD with Nesterov "
+               "momentum 0.9 (Sutskever et al. 2013); weight decay 5e-4 (He et al. 2016, kuangliu/pytorch-cifar); "
+               "one-cycle schedule (Smith & Topin 2019) with PyTorch's OneCycleLR shape: from peak/25 up to the "
+               "peak over the first 30%% of steps, then a cosine anneal to peak/250000; peak lr 0.1 per 128 "
+               "images (Goyal et al. 2017 linear scaling: 0.4 at batch 512); label smoothing 0.1 (Szegedy et "
+               "al. 2016); cutout 16 (DeVries & Taylor 2017). The seed project's recipe: --schedule plateau "
+               "--lr 0.01 --batch-size 64 --weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 "
+               "--cutout 0 --precision fp32 --no-channels-last.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10", help="dataset")
+    data.add_argument("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
+    data.add_argument("--no-download", dest="download", action="store_false",
+                      help="fail instead of downloading a missing dataset")
+    data.add_argument("--train-subset", type=int, default=0, metavar="N",
+                      help="train on the first N training images only (0: all), for quick runs")
+    data.add_argument("--val-split", type=int, default=0, metavar="N",
+                      help="hold out N training images as a validation set; the plateau schedule and "
+                           "best.pt then watch it instead of the training loss / test accuracy")
+    data.add_argument("--workers", type=int, default=None,
+                      help="DataLoader workers (default: CPU count, at most 16)")
+
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--pad-crop", type=int, default=4, metavar="PIXELS",
+                     help="reflect-pad by this many pixels, then random 32x32 crop (0: off)")
+    aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
+    aug.add_argument("--cutout", type=int, default=16, metavar="PIXELS",
+                     help="side of the one square cutout hole, filled with the mean colour (0: off)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=50, help="training epochs")
+    opt.add_argument("--batch-size", type=int, default=512, help="images per step")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: 0.1 * batch-size / 128)")
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    opt.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
+    opt.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    opt.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing")
+    opt.add_argument("--schedule", choices=("onecycle", "plateau"), default="onecycle",
+                     help="onecycle: stepped every batch; plateau: ReduceLROnPlateau on the validation "
+                          "accuracy (with --val-split) or else the training loss, never the test set")
+    opt.add_argument("--warmup", type=float, default=0.3, metavar="FRACTION",
+                     help="onecycle: fraction of the steps spent warming up")
+    opt.add_argument("--plateau-patience", type=int, default=5, metavar="EPOCHS",
+                     help="plateau: epochs without improvement before the lr is divided by 10")
+
+    speed = parser.add_argument_group("device and speed")
+    speed.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    speed.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       help="autocast precision; auto: bf16 where the device supports it, else fp16 "
+                            "with a grad scaler on CUDA, else fp32")
+    speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                       help="keep the NCHW memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    speed.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms only (slower); with it a resumed CPU run repeats an "
+                            "uninterrupted one exactly")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out-dir", default=None,
+                     help=f"where {LOG_NAME}, {LAST_NAME} and {BEST_NAME} go (default: the current "
+                          "folder, or the folder of --resume)")
+    out.add_argument("--resume", metavar="PATH", default=None,
+                     help=f"continue the run saved in this {LAST_NAME}; the recipe comes from it")
+    out.add_argument("--benchmark", action="store_true",
+                     help="measure the input pipeline, the model step and the full loop on synthetic "
+                          "data, print a table and write benchmark.json; trains nothing")
+    out.add_argument("--benchmark-steps", type=int, default=20, metavar="N",
+                     help="timed steps per benchmark measurement")
+    return parser
+
+
+def check_args(args):
+    """Raise UsageError for values no run can use."""
+    positive = {"epochs": args.epochs, "batch-size": args.batch_size, "benchmark-steps": args.benchmark_steps}
+    for name, value in positive.items():
+        if value < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {value})")
+    non_negative = {"train-subset": args.train_subset, "val-split": args.val_split, "seed": args.seed,
+                    "pad-crop": args.pad_crop, "cutout": args.cutout, "weight-decay": args.weight_decay,
+                    "plateau-patience": args.plateau_patience}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise UsageError(f"--{name} must not be negative (got {value})")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must not be negative (got {args.workers})")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be positive (got {args.lr})")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})")
+    if not 0 < args.warmup < 1:
+        raise UsageError(f"--warmup must be between 0 and 1 (got {args.warmup})")
+    if args.cutout > 32:
+        raise UsageError(f"--cutout must be at most 32 pixels (got {args.cutout})")
+
+
+def derived_lr(args):
+    """Peak lr: the given one, or 0.1 per 128 images (linear scaling rule)."""
+    return args.lr if args.lr is not None else 0.1 * args.batch_size / 128
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def pick_device(name):
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name not in ("cuda", "mps", "cpu"):
+        raise UsageError(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu "
+                         "(or install a CUDA build of torch)")
+    if name == "mps" and not mps:
+        raise UsageError("--device mps asked for, but this machine has no MPS; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16():
+    """oneDNN has fast bf16 kernels here (AVX512-BF16 or AMX); elsewhere bf16 on a CPU is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_precision(name, device):
+    """Resolve --precision auto for this device: 'bf16', 'fp16' or 'fp32'."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise UsageError("--precision fp16 is for GPUs; use bf16 or fp32 on a CPU")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device, precision):
+    """The autocast context for a precision, or a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+def cpu_model():
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def default_workers(device):
+    """Augmentation costs ~60-180 us per image per core: a GPU needs many workers, a CPU needs its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(16, cores)
+
+
+def setup_determinism(args, device):
+    torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ----------------------------------------------------------------------------- data
+
+def split_data(data, args):
+    """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
+    images, labels = data.train_images, data.train_labels
+    if args.train_subset:
+        images, labels = images[:args.train_subset], labels[:args.train_subset]
+    if args.val_split >= len(images):
+        raise UsageError(f"--val-split {args.val_split} leaves no training images (of {len(images)})")
+    if not args.val_split:
+        return (images, labels), None
+    order = np.random.default_rng(args.seed).permutation(len(images))
+    train, val = np.sort(order[args.val_split:]), np.sort(order[:args.val_split])
+    return (images[train], labels[train]), (images[val], labels[val])
+
+
+def ignore_sigint_in_worker(_worker_id):
+    # Ctrl-C reaches the whole process group: let only the main process decide how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_train_loader(images, labels, args, mean, device, workers):
+    dataset = augment.AugmentedImages(images, labels, augment.train_transform(
+        mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip))
+    sampler = augment.SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_sigint_in_worker if workers > 0 else None)
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+def make_optimizer(model, args):
+    return torch.optim.SGD(model.parameters(), lr=derived_lr(args), momentum=args.momentum,
+                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer, args, steps_per_epoch):
+    """onecycle steps every batch over the whole run; plateau steps once per epoch."""
+    if args.schedule == "plateau":
+        mode = "max" if args.val_split else "min"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.1,
+                                                          patience=args.plateau_patience)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=derived_lr(args), total_steps=args.epochs * steps_per_epoch,
+        pct_start=args.warmup, anneal_strategy="cos", cycle_momentum=False)
+
+
+class StepRunner:
+    """One optimisation step on a uint8 batch already on the device, with the run's precision and layout."""
+
+    def __init__(self, model, args, precision, device, mean, std, steps_per_epoch):
+        self.model, self.device, self.precision = model, device, precision
+        self.mean, self.std = mean, std
+        self.channels_last = args.channels_last
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.optimizer = make_optimizer(model, args)
+        self.scheduler = make_scheduler(self.optimizer, args, steps_per_epoch)
+        self.per_step_schedule = args.schedule == "onecycle"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.forward = torch.compile(model) if args.compile else model
+
+    def inputs(self, images):
+        x = augment.normalize(images, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(self, images, labels):
+        """Returns the detached loss and logits (device tensors: reading them is a sync point)."""
+        with autocast(self.device, self.precision):
+            logits = self.forward(self.inputs(images))
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.per_step_schedule:
+            self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def build_model(num_classes, args, device):
+    model = resnet18(num_classes=num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal stops at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, _frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def progress_bar(iterable, total, description, enabled):
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=description, leave=False, disable=not enabled,
+                dynamic_ncols=True, unit="step")
+
+
+def show_progress():
+    """Bars only for a person at a terminal: a redirected run gets one line per epoch, no bar spam."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
+    """One pass over the loader. Running sums stay on the device; they are read only when the bar
+    refreshes (about twice a second) and at the end, because .item() is a CPU-GPU sync point."""
+    model, device = runner.model, runner.device
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    seen, last_refresh, start = 0, time.monotonic(), time.perf_counter()
+    bar = progress_bar(loader, len(loader), f"epoch {epoch}/{epochs}", bar_enabled)
+    for step, (images, labels) in enumerate(bar):
+        if stop.signal is not None:
+            raise Stopped(f"epoch {epoch}, step {step}")
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        loss, logits = runner(images, labels)
+        loss_sum += loss * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
+                                     torch.full_like(first_bad_step, step + 1), first_bad_step)
+        seen += len(labels)
+        if bar_enabled and time.monotonic() - last_refresh > 0.5:
+            check_finite(first_bad_step, epoch, len(loader))
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
+            last_refresh = time.monotonic()
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    check_finite(first_bad_step, epoch, len(loader))
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "train_seconds": seconds, "images_per_s": seen / seconds}
+
+
+def check_finite(first_bad_step, epoch, steps):
+    bad = int(first_bad_step.item())
+    if bad > 0:
+        raise Diverged(f"the loss became NaN or infinite at epoch {epoch}, step {bad} of {steps}")
+
+
+@torch.no_grad()
+def evaluate(runner, images, labels, num_classes, batch_size=1024):
+    """Loss, accuracy, accuracy with horizontal-flip test-time augmentation, and the confusion matrix.
+
+    `images` is a uint8 (N, 3, 32, 32) tensor; the loss is the training criterion, so curves compare.
+    """
+    model, device = runner.model, runner.device
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct_tta = torch.zeros((), device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        x = runner.inputs(images[start:start + batch_size].to(device, non_blocking=True))
+        y = labels[start:start + batch_size].to(device, non_blocking=True)
+        with autocast(device, runner.precision):
+            logits = runner.forward(x).float()
+            logits_tta = logits + runner.forward(x.flip(3)).float()
+        loss_sum += runner.criterion(logits, y) * len(y)
+        predicted = logits.argmax(1)
+        correct += (predicted == y).sum()
+        correct_tta += (logits_tta.argmax(1) == y).sum()
+        confusion += torch.bincount(y * num_classes + predicted, minlength=num_classes * num_classes)
+    n = len(images)
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "acc_tta": correct_tta.item() / n,
+            "confusion": confusion.view(num_classes, num_classes).tolist()}
+
+
+# ----------------------------------------------------------------------------- files
+
+def pause_for_tests():
+    """Test-only switch: pause inside a file write so that a test can kill the process mid-write."""
+    pause = os.environ.get("TRAIN_TEST_PAUSE_IN_WRITE")
+    if pause:
+        time.sleep(float(pause))
+
+
+def atomic_write(path, data):
+    """Write bytes so that `path` is always either its old complete version or the new one.
+
+    Temp file in the same folder, fsync, os.replace (atomic on POSIX and Windows), fsync the folder.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            pause_for_tests()
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def sync_folder(folder):
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(checkpoint, path):
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def atomic_link(source, path):
+    """Make `path` the same file as `source` (a hard link: no second copy), atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:  # file systems without hard links
+        with open(source, "rb") as f:
+            atomic_write(path, f.read())
+        return
+    os.replace(tmp, path)
+    sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json(path, value):
+    atomic_write(path, (json.dumps(value, indent=1) + "\n").encode())
+
+
+def remove_stale_temp_files(out_dir):
+    """A killed run can leave NAME.tmp-PID files behind; the lock guarantees no live writer owns them."""
+    for name in os.listdir(out_dir):
+        if name.split(".tmp-")[0] in (LOG_NAME, LAST_NAME, BEST_NAME, "benchmark.json") and ".tmp-" in name:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
+
+
+class RunLock:
+    """An exclusive lock on the output folder: a second run there refuses instead of interleaving files.
+
+    flock is released by the kernel when the process dies, even by SIGKILL, so a crash leaves no stale lock.
+    """
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, LOCK_NAME)
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs are not guarded against each other there
+            self.file = None
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UsageError(f"another train.py is running with output folder {os.path.dirname(self.path)}; "
+                             f"wait for it or choose another --out-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def prepare_out_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); "
+                         f"choose another --out-dir") from None
+
+
+# ----------------------------------------------------------------------------- log and checkpoint contents
+
+def environment(device, precision, workers, args):
+    import albumentations
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "albumentations": albumentations.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "device": device.type, "device_name": device_name(device),
+            "precision": precision, "channels_last": args.channels_last, "compile": args.compile,
+            "workers": workers, "torch_threads": torch.get_num_threads()}
+
+
+def summarize(history, best_key):
+    last = history[-1]
+    best = max(history, key=lambda r: (r[best_key], -r["epoch"]))
+    top = max(history, key=lambda r: (r["test_acc"], -r["epoch"]))
+    return {"epochs_done": last["epoch"], "final_test_acc": last["test_acc"],
+            "final_test_acc_tta": last["test_acc_tta"], "final_epoch": last["epoch"],
+            "best_test_acc": top["test_acc"], "best_test_acc_epoch": top["epoch"],
+            "best_checkpoint_epoch": best["epoch"], "best_checkpoint_metric": best_key,
+            "total_seconds": sum(r["seconds"] for r in history)}
+
+
+def save_epoch(paths, checkpoint, improved, log):
+    """last.pt, then best.pt, then log.json: a kill between them leaves the log one epoch behind, and
+    --resume rebuilds the log from the checkpoint's history, so the two always agree after a resume."""
+    try:
+        save_checkpoint(checkpoint, paths[LAST_NAME])
+        if improved:
+            atomic_link(paths[LAST_NAME], paths[BEST_NAME])
+        write_json(paths[LOG_NAME], log)
+    except OSError as error:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise WriteFailed(f"could not save epoch {checkpoint['epoch']} ({reason}); the files of the last "
+                          f"saved epoch are intact, continue with: python train.py --resume "
+                          f"{paths[LAST_NAME]}") from None
+
+
+def build_log(args, env, classes, history, best_key, final=None):
+    log = {"format": LOG_FORMAT, "args": dict(vars(args)), "environment": env, "classes": classes,
+           "epochs": history, "summary": summarize(history, best_key) if history else None}
+    if final is not None:
+        log.update(final)
+    return log
+
+
+def final_metrics(confusion, classes):
+    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    per_class = {name: (row[i] / sum(row) if sum(row) else None)
+                 for i, (name, row) in enumerate(zip(classes, confusion))}
+    return {"per_class_accuracy": per_class, "confusion_matrix": confusion}
+
+
+def build_checkpoint(runner, args, data, epoch, history, best):
+    raw_model = runner.model  # never the compiled wrapper: no '_orig_mod.' prefixes
+    rng = {"torch": torch.get_rng_state()}
+    if runner.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+            "model_args": {"num_classes": len(data.classes)}, "classes": list(data.classes),
+            "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset,
+            "optimizer": runner.optimizer.state_dict(), "scheduler": runner.scheduler.state_dict(),
+            "scaler": runner.scaler.state_dict(), "rng": rng, "epoch": epoch, "args": dict(vars(args)),
+            "history": history, "best": best}
+
+
+def restore_checkpoint(runner, checkpoint):
+    try:
+        runner.model.load_state_dict(checkpoint["model"])
+        runner.optimizer.load_state_dict(checkpoint["optimizer"])
+        runner.scheduler.load_state_dict(checkpoint["scheduler"])
+        runner.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if runner.device.type == "cuda" and "cuda" in checkpoint["rng"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise CheckpointError(f"checkpoint does not fit this model and recipe "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
+
+
+def args_for_resume(args):
+    """Read --resume's checkpoint and merge: recipe flags from it, runtime flags from the command line."""
+    checkpoint = read_checkpoint(args.resume)
+    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch", "args", "history"):
+        if key not in checkpoint:
+            raise CheckpointError(f"{args.resume} lacks '{key}': it cannot be resumed")
+    merged = dict(checkpoint["args"])
+    merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS})
+    if args.out_dir is None:
+        merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
+    return argparse.Namespace(**merged), checkpoint
+
+
+def epoch_line(record, epochs, has_val):
+    val = f"  val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" if has_val else ""
+    return (f"epoch {record['epoch']:>3}/{epochs}  lr {record['lr']:.5f}  "
+            f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%{val}  "
+            f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}% "
+            f"(flip TTA {100 * record['test_acc_tta']:.2f}%)  "
+            f"{record['seconds']:.1f}s  {record['images_per_s']:.0f} img/s")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(args):
+    """The whole run: data, model, epochs, files. Returns the exit code."""
+    checkpoint = None
+    if args.resume:
+        args, checkpoint = args_for_resume(args)
+    check_args(args)
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    args.out_dir = args.out_dir or "."
+    prepare_out_dir(args.out_dir)
+    with RunLock(args.out_dir):
+        remove_stale_temp_files(args.out_dir)
+        Run(args, checkpoint, device, precision).run()
+    return 0
+
+
+class Run:
+    """The state of one training run and its two jobs: run an epoch, save what it produced."""
+
+    def __init__(self, args, checkpoint, device, precision):
+        setup_determinism(args, device)
+        data = augment.load_dataset(args.dataset, args.data_dir, download=args.download)
+        (train_images, train_labels), val = split_data(data, args)
+        self.num_classes = len(data.classes)
+        if checkpoint is not None and checkpoint["model_args"].get("num_classes") != self.num_classes:
+            raise CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
+                                  f"classes, but {args.dataset} has {self.num_classes}")
+        workers = default_workers(device) if args.workers is None else args.workers
+        if device.type == "cpu" and args.epochs * len(train_images) > 100_000:
+            print(f"warning: training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
+                  f"take hours; use a GPU, or --train-subset and --epochs for a quick run", file=sys.stderr)
+        self.args, self.data, self.device = args, data, device
+        self.loader, self.sampler = make_train_loader(train_images, train_labels, args, data.mean, device, workers)
+        model = build_model(self.num_classes, args, device)
+        self.runner = StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader))
+        self.history, self.best = [], None
+        if checkpoint is not None:
+            restore_checkpoint(self.runner, checkpoint)
+            self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
+        self.test = (augment.to_tensor(data.test_images).to(device), torch.from_numpy(data.test_labels).to(device))
+        self.val = None if val is None else (augment.to_tensor(val[0]).to(device), torch.from_numpy(val[1]).to(device))
+        self.best_key = "val_acc" if val is not None else "test_acc"
+        self.env = environment(device, precision, workers, args)
+        self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
+        print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
+              f" on {self.env['device_name']} ({precision}, {workers} workers), {len(train_images)} training "
+              f"images, {len(data.test_labels)} test images; writing into {args.out_dir}/")
+
+    def epoch(self, epoch, stop):
+        """Train and evaluate one epoch; returns its log record and the test confusion matrix."""
+        args, runner = self.args, self.runner
+        self.sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        record = {"epoch": epoch, "lr": runner.lr()}
+        record.update(train_one_epoch(runner, self.loader, epoch, args.epochs, stop, show_progress()))
+        if self.val is not None:
+            val = evaluate(runner, *self.val, self.num_classes)
+            record.update(val_loss=val["loss"], val_acc=val["acc"])
+        test = evaluate(runner, *self.test, self.num_classes)
+        record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
+        if args.schedule == "plateau":
+            runner.scheduler.step(record["val_acc"] if self.val is not None else record["train_loss"])
+        record["seconds"] = time.perf_counter() - start
+        return record, test["confusion"]
+
+    def save(self, record, confusion):
+        """Write last.pt (and best.pt) and log.json for a finished epoch; only then is it in the history."""
+        epoch, history = record["epoch"], self.history + [record]
+        improved = self.best is None or record[self.best_key] > self.best["value"]
+        best = {"metric": self.best_key, "value": record[self.best_key], "epoch": epoch} if improved else self.best
+        final = final_metrics(confusion, self.data.classes) if epoch == self.args.epochs else None
+        save_epoch(self.paths, build_checkpoint(self.runner, self.args, self.data, epoch, history, best),
+                   improved, build_log(self.args, self.env, self.data.classes, history, self.best_key, final))
+        self.history, self.best = history, best
+
+    def run(self):
+        args, paths = self.args, self.paths
+        if len(self.history) >= args.epochs:
+            print(f"nothing to do: {args.resume} already holds all {args.epochs} epochs")
+            return
+        with StopFlag() as stop:
+            try:
+                for epoch in range(len(self.history) + 1, args.epochs + 1):
+                    record, confusion = self.epoch(epoch, stop)
+                    self.save(record, confusion)
+                    print(epoch_line(record, args.epochs, self.val is not None), flush=True)
+            except (Stopped, KeyboardInterrupt) as error:
+                saved = (f"epochs 1-{len(self.history)} are saved; continue with: python train.py --resume "
+                         f"{paths[LAST_NAME]}" if self.history else "no epoch was completed, nothing was saved")
+                raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
+        summary = summarize(self.history, self.best_key)
+        print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
+              f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
+              f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
+              f"{paths[LOG_NAME]}, {paths[LAST_NAME]}, {paths[BEST_NAME]}")
+
+
+def benchmark(args):
+    raise UsageError("--benchmark is not written yet")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return benchmark(args) if args.benchmark else train(args)
+    except (UsageError, CheckpointError, augment.DatasetError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except Diverged as error:
+        print(f"train.py: stopped: {error}; {LAST_NAME} still holds the last good epoch. "
+              f"Lower --lr (or check the data) and start again.", file=sys.stderr)
+        return 1
+    except Stopped as error:
+        print(f"train.py: stopped {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the run's own handler was installed
+        print("train.py: stopped before the first epoch; nothing was written", file=sys.stderr)
+        return 130
+    except WriteFailed as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
