@@ -1,0 +1,390 @@
+"""Grad-CAM (and Grad-CAM++) of a trained checkpoint on any image, as a picture.
+
+    python gradcam.py --image dog.png --layer layer4                    # predicted class, writes dog_gradcam.png
+    python gradcam.py --image a.jpg b.png --layer layer3 layer4 --class cat --method gradcam++
+    python gradcam.py --misclassified 25 --layer layer4                 # a grid over the CIFAR test set
+
+From a notebook:
+
+    from gradcam import GradCAM
+    maps, logits, targets = GradCAM(model, ["layer4"])(images)          # maps: (B, layers, H, W) in [0, 1]
+
+Everything the picture needs (model arguments, class names, mean, std) comes from the checkpoint.
+"""
+import argparse
+import contextlib
+import io
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import augment
+from resnet import CheckpointError, model_from_checkpoint, read_checkpoint
+
+METHODS = ("gradcam", "gradcam++")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+# ----------------------------------------------------------------------------- the method
+
+@contextlib.contextmanager
+def capture_outputs(modules):
+    """Record each module's forward output while inside; the hooks are removed on leaving, even on error."""
+    outputs = {}
+    handles = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+               for name, module in modules.items()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def channel_weights(activations, gradients, method):
+    """Grad-CAM: the spatial mean of d(score)/dA. Grad-CAM++: Chattopadhyay et al. 2018, eq. 19."""
+    if method == "gradcam":
+        return gradients.mean(dim=(2, 3))
+    grads_2 = gradients ** 2
+    grads_3 = grads_2 * gradients
+    sum_activations = activations.sum(dim=(2, 3), keepdim=True)
+    alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 1e-6)
+    alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
+    return (F.relu(gradients) * alpha).sum(dim=(2, 3))
+
+
+def min_max(maps, eps=1e-7):
+    """Scale each (H, W) map to [0, 1]; the small eps keeps an all-zero map at zero."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    maps = maps - low
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
+def cam_map(activations, gradients, method, size):
+    """ReLU(sum_k w_k A_k), normalized, upsampled bilinearly to `size`, normalized again (as pytorch-grad-cam)."""
+    weights = channel_weights(activations, gradients, method)
+    cam = F.relu((weights[:, :, None, None] * activations).sum(dim=1))
+    cam = F.interpolate(min_max(cam)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return min_max(cam)
+
+
+def find_modules(model, layers):
+    """Module paths such as 'layer4' or 'layer4.1.conv2' -> modules; an unknown name lists the valid ones."""
+    named = dict(model.named_modules())
+    unknown = [name for name in layers if name not in named or name == ""]
+    if unknown:
+        valid = ", ".join(name for name in named if name)
+        raise UsageError(f"unknown layer {unknown[0]!r}; valid layers: {valid}")
+    return {name: named[name] for name in layers}
+
+
+class GradCAM:
+    """Grad-CAM or Grad-CAM++ maps of `model` at one or more layers (module paths).
+
+    Calling it with a normalized batch (B, 3, H, W) returns (maps, logits, targets): maps (B, layers, H, W)
+    in [0, 1], one per layer in the given order, for `targets` (class indices; default: the predicted
+    class), computed on the raw logit. The hooks exist only during a call; the model's train/eval mode
+    and its parameters' requires_grad flags are left as found, and no parameter's .grad is touched.
+    """
+
+    def __init__(self, model, layers, method="gradcam"):
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        self.model, self.method = model, method
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.modules = find_modules(model, self.layers)
+
+    def __call__(self, images, targets=None):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # An input that needs a gradient makes a graph even when every parameter is frozen.
+            images = images.detach().clone().requires_grad_(True)
+            with torch.enable_grad(), capture_outputs(self.modules) as outputs:
+                logits = self.model(images)
+                if targets is None:
+                    targets = logits.argmax(dim=1)
+                targets = torch.as_tensor(targets, device=logits.device).reshape(-1).expand(len(images))
+                score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
+                activations = [self.feature_map(outputs, name) for name in self.layers]
+                gradients = torch.autograd.grad(score, activations)
+            maps = [cam_map(a.detach().float(), g.float(), self.method, images.shape[-2:])
+                    for a, g in zip(activations, gradients)]
+        finally:
+            self.model.train(was_training)
+        return torch.stack(maps, dim=1), logits.detach(), targets
+
+    @staticmethod
+    def feature_map(outputs, name):
+        output = outputs.get(name)
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise UsageError(f"layer {name!r} does not output a (B, C, H, W) feature map; choose a "
+                             f"convolutional layer such as layer4")
+        return output
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path):
+    """Any image Pillow reads -> RGB uint8 (H, W, 3); transparency is composited over white."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, rgba)
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise UsageError(f"image {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UsageError(f"{path} is not an image Pillow can read ({type(error).__name__})") from None
+
+
+def resize(array, size):
+    """Resize uint8 RGB (H, W, 3) or float (H, W) to size=(height, width); antialiased when shrinking."""
+    from PIL import Image
+    height, width = size
+    if array.dtype == np.uint8:
+        return np.asarray(Image.fromarray(array).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
+def overlay(image, heatmap, alpha=0.5):
+    """Blend a [0, 1] heatmap, coloured with the jet colormap, over a uint8 RGB image."""
+    from matplotlib import colormaps
+    colour = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
+    return np.clip((1 - alpha) * image / 255.0 + alpha * colour, 0, 1)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
+                        help="image(s) to explain: any format and size Pillow reads")
+    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py")
+    parser.add_argument("--layer", nargs="+", default=["layer4"], metavar="NAME",
+                        help="module path(s): layer3, layer4, layer4.1, layer4.1.conv2, ...; one row each")
+    parser.add_argument("--class", dest="target", default=None, metavar="NAME|INDEX",
+                        help="explain this class instead of the predicted one")
+    parser.add_argument("--method", choices=METHODS, default="gradcam", help="Grad-CAM or Grad-CAM++")
+    parser.add_argument("--out", default=None,
+                        help="picture to write (default: IMAGE_gradcam.png beside the first image, or "
+                             "gradcam_misclassified.png / gradcam_correct.png)")
+    parser.add_argument("--save-npy", default=None, metavar="FILE",
+                        help="also save the maps, float32 (images, layers, 32, 32) in [0, 1]")
+    parser.add_argument("--misclassified", type=int, default=0, metavar="N",
+                        help="instead of --image: a grid of N misclassified CIFAR test images")
+    parser.add_argument("--correct", type=int, default=0, metavar="N",
+                        help="instead of --image: a grid of N correctly classified CIFAR test images")
+    parser.add_argument("--data-dir", default="./data", help="where train.py put the dataset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --misclassified/--correct choice")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda if there, else cpu")
+    return parser
+
+
+def check_args(args):
+    grids = sum(1 for n in (args.misclassified, args.correct) if n)
+    if args.misclassified < 0 or args.correct < 0:
+        raise UsageError("--misclassified and --correct take a positive count")
+    if bool(args.image) + grids != 1:
+        raise UsageError("give either --image FILE..., --misclassified N or --correct N")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+
+
+def load_model(path, device):
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path} not found; train a model first (python train.py) "
+                         f"or pass --checkpoint")
+    checkpoint = read_checkpoint(path)
+    for key in ("model", "model_args", "classes", "mean", "std"):
+        if key not in checkpoint:
+            raise CheckpointError(f"{path} lacks '{key}': it cannot be explained")
+    model = model_from_checkpoint(checkpoint).to(device).eval()
+    return model, checkpoint
+
+
+def parse_class(text, classes):
+    """A class name or index -> index; anything else lists the valid names."""
+    if text is None:
+        return None
+    if text in classes:
+        return classes.index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(classes):
+        return int(text)
+    raise UsageError(f"unknown class {text!r}; use an index 0-{len(classes) - 1} or one of: {', '.join(classes)}")
+
+
+def model_input(images, checkpoint, device):
+    """uint8 (N, 32, 32, 3) -> normalized (N, 3, 32, 32) float tensor, as in training."""
+    return augment.normalize(augment.to_tensor(np.ascontiguousarray(images)).to(device),
+                             checkpoint["mean"], checkpoint["std"])
+
+
+def write_atomically(path, data):
+    """A reader sees the old file or the whole new one, never a part of a picture or an array."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UsageError(f"cannot write {path} ({error.strerror})") from None
+
+
+def save_figure(figure, path):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomically(path, buffer.getvalue())
+
+
+def top5_lines(name, probabilities, classes):
+    top = torch.topk(probabilities, k=min(5, len(classes)))
+    ranked = "  ".join(f"{i + 1}. {classes[c]} {100 * p:.2f}%" for i, (p, c) in
+                       enumerate(zip(top.values.tolist(), top.indices.tolist())))
+    return f"{name}: {ranked}"
+
+
+def explain_images(args, model, checkpoint, device):
+    classes = checkpoint["classes"]
+    target = parse_class(args.target, classes)
+    originals = [load_image(path) for path in args.image]
+    small = np.stack([resize(image, (32, 32)) for image in originals])
+    cam = GradCAM(model, args.layer, args.method)
+    maps, logits, targets = cam(model_input(small, checkpoint, device), target)
+    probabilities = logits.float().softmax(dim=1).cpu()
+    maps, targets = maps.cpu().numpy(), targets.cpu().tolist()
+    for path, p in zip(args.image, probabilities):
+        print(top5_lines(path, p, classes))
+    out = args.out or f"{os.path.splitext(args.image[0])[0]}_gradcam.png"
+    rows = [(i, j) for i in range(len(originals)) for j in range(len(args.layer))]
+    figure = image_figure(rows, args, originals, small, maps, targets, probabilities, classes)
+    save_figure(figure, out)
+    print(f"wrote {out}")
+    return maps
+
+
+def image_figure(rows, args, originals, small, maps, targets, probabilities, classes):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(len(rows), 4, figsize=(12, 3.3 * len(rows)), squeeze=False)
+    method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
+    for row, (i, j) in zip(axes, rows):
+        heatmap, original = maps[i, j], originals[i]
+        explained = f"{classes[targets[i]]} ({100 * probabilities[i, targets[i]]:.1f}%)"
+        panels = [(small[i], "input, 32x32"), (heatmap, f"{method} at {args.layer[j]}"),
+                  (overlay(small[i], heatmap), "overlay, 32x32"),
+                  (overlay(original, resize(heatmap, original.shape[:2])),
+                   f"overlay, {original.shape[1]}x{original.shape[0]}")]
+        for axis, (picture, title) in zip(row, panels):
+            axis.imshow(picture, cmap="jet" if picture.ndim == 2 else None, vmin=0, vmax=1,
+                        interpolation="nearest" if picture.shape[0] == 32 else "antialiased")
+            axis.set_title(title, fontsize=9)
+            axis.axis("off")
+        row[0].text(-0.1, 0.5, f"{os.path.basename(args.image[i])}\n{explained}", transform=row[0].transAxes,
+                    ha="right", va="center", fontsize=10)
+    figure.suptitle(f"{method}: explaining the class in each row's label", fontsize=11)
+    figure.tight_layout()
+    return figure
+
+
+def pick_test_images(args, model, checkpoint, device):
+    """A seeded walk through the test set, classifying chunks until enough (mis)classified images are found."""
+    wanted = args.misclassified or args.correct
+    try:
+        data = augment.load_dataset(checkpoint.get("dataset", "cifar10"), args.data_dir, download=False)
+    except augment.DatasetError as error:
+        raise UsageError(f"the test set is not on disk ({error}); run train.py once, or pass --data-dir") from None
+    order = np.random.default_rng(args.seed).permutation(len(data.test_labels))
+    chosen, predicted = [], []
+    with torch.no_grad():
+        for start in range(0, len(order), 512):
+            chunk = order[start:start + 512]
+            guesses = model(model_input(data.test_images[chunk], checkpoint, device)).argmax(1).cpu().numpy()
+            keep = (guesses != data.test_labels[chunk]) if args.misclassified else (guesses == data.test_labels[chunk])
+            chosen += chunk[keep].tolist()
+            predicted += guesses[keep].tolist()
+            if len(chosen) >= wanted:
+                break
+    if not chosen:
+        raise UsageError(f"no {'misclassified' if args.misclassified else 'correctly classified'} test images")
+    return data, chosen[:wanted], predicted[:wanted]
+
+
+def explain_test_grid(args, model, checkpoint, device):
+    data, chosen, predicted = pick_test_images(args, model, checkpoint, device)
+    images = data.test_images[chosen]
+    maps, _, _ = GradCAM(model, args.layer[:1], args.method)(model_input(images, checkpoint, device))
+    maps = maps[:, 0].cpu().numpy()
+    kind = "misclassified" if args.misclassified else "correct"
+    out = args.out or f"gradcam_{kind}.png"
+    figure = grid_figure(images, maps, data.test_labels[chosen], predicted, data.classes, args, kind)
+    save_figure(figure, out)
+    print(f"wrote {out}: {len(chosen)} {kind} test images, Grad-CAM of the predicted class at {args.layer[0]}")
+    return maps[:, None]
+
+
+def grid_figure(images, maps, truth, predicted, classes, args, kind):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, heatmap, t, p in zip(axes.flat, images, maps, truth, predicted):
+        axis.imshow(overlay(image, heatmap), interpolation="nearest")
+        axis.set_title(f"{classes[t]} / {classes[p]}", fontsize=8, color="black" if t == p else "firebrick")
+    method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
+    figure.suptitle(f"{kind} test images (true / predicted), {method} of the prediction at {args.layer[0]}, "
+                    f"seed {args.seed}", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def save_maps(path, maps):
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(maps, dtype=np.float32))
+    write_atomically(path, buffer.getvalue())
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        model, checkpoint = load_model(args.checkpoint, device)
+        find_modules(model, args.layer)  # fail on a bad layer before any work
+        parse_class(args.target, checkpoint["classes"])
+        if args.image:
+            maps = explain_images(args, model, checkpoint, device)
+        else:
+            maps = explain_test_grid(args, model, checkpoint, device)
+        if args.save_npy:
+            save_maps(args.save_npy, maps)
+            print(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
+    except (UsageError, CheckpointError) as error:
+        print(f"gradcam.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
