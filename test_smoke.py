@@ -339,3 +339,148 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, 
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+import gradcam  # noqa: E402  (after the training tests' imports, to keep each section readable)
+
+
+def random_model_and_inputs(seed=0, batch=8):
+    torch.manual_seed(seed)
+    model = resnet.resnet18(num_classes=10).eval()
+    return model, torch.randn(batch, 3, 32, 32)
+
+
+def reference_maps(method, model, layer, images, targets):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    library = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
+    module = dict(model.named_modules())[layer]
+    with library(model=model, target_layers=[module]) as cam:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+@pytest.mark.parametrize("method", gradcam.METHODS)
+@pytest.mark.parametrize("layer", ["layer3", "layer4", "layer4.1.conv2"])
+def test_gradcam_equals_pytorch_grad_cam(method, layer):
+    model, images = random_model_and_inputs()
+    predicted = model(images).argmax(1)
+    for targets in (None, torch.tensor([3, 3, 7, 0, 1, 2, 9, 5])):  # the predicted class, then chosen ones
+        maps, _, used = gradcam.GradCAM(model, [layer], method)(images, targets)
+        assert torch.equal(used, predicted if targets is None else targets)
+        reference = reference_maps(method, model, layer, images, used)
+        # A map that ReLU zeroes everywhere would match trivially: most must be real maps.
+        assert reference.shape == (8, 32, 32) and (reference.max(axis=(1, 2)) > 0.5).sum() >= 4
+        np.testing.assert_allclose(maps[:, 0].numpy(), reference, atol=1e-5)
+
+
+def test_gradcam_leaves_model_as_found():
+    model, images = random_model_and_inputs()
+    model.train()
+    model.layer1.requires_grad_(False)
+    maps, logits, _ = gradcam.GradCAM(model, ["layer2", "layer4"])(images)
+    assert maps.shape == (8, 2, 32, 32) and logits.shape == (8, 10)
+    assert 0 <= maps.min() and maps.max() <= 1
+    assert model.training
+    assert not any(p.requires_grad for p in model.layer1.parameters())
+    assert all(p.requires_grad for p in model.layer4.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())  # hooks removed
+
+
+def test_gradcam_hooks_removed_after_an_error():
+    model, _ = random_model_and_inputs()
+    with pytest.raises(gradcam.UsageError, match="does not output"):
+        gradcam.GradCAM(model, ["linear"])(torch.randn(1, 3, 32, 32))
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(gradcam.UsageError, match="valid layers: conv1, bn1, layer1"):
+        gradcam.GradCAM(model, ["layer5"])
+
+
+def save_test_images(folder):
+    """A non-square RGB PNG, a grayscale JPEG, an RGBA PNG and a palette GIF."""
+    from PIL import Image
+    images, _ = coloured_images(4, 7)
+    paths = {"wide.png": Image.fromarray(images[0]).resize((80, 48)),
+             "gray.jpg": Image.fromarray(images[1]).convert("L"),
+             "rgba.png": Image.fromarray(images[2]).convert("RGBA"),
+             "palette.gif": Image.fromarray(images[3]).convert("P")}
+    for name, image in paths.items():
+        image.save(folder / name)
+    return [str(folder / name) for name in paths]
+
+
+def test_gradcam_cli_writes_picture_top5_and_maps(trained_run, tmp_path, capsys):
+    from PIL import Image
+    paths = save_test_images(tmp_path)
+    npy = tmp_path / "maps.npy"
+    code = gradcam.main(["--image", *paths, "--layer", "layer3", "layer4", "--checkpoint",
+                         str(trained_run / "best.pt"), "--save-npy", str(npy), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    picture = tmp_path / "wide_gradcam.png"  # beside the first image
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width >= 800 and image.height >= 8 * 200
+    assert all(out.count(f"{p}: 1. ") == 1 and "5. " in out for p in paths)
+    maps = np.load(npy)
+    assert maps.shape == (4, 2, 32, 32) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+
+    # The file's maps equal the library call on the same preprocessed images.
+    model, checkpoint = gradcam.load_model(str(trained_run / "best.pt"), torch.device("cpu"))
+    small = np.stack([gradcam.resize(gradcam.load_image(p), (32, 32)) for p in paths])
+    expected, _, _ = gradcam.GradCAM(model, ["layer3", "layer4"])(
+        gradcam.model_input(small, checkpoint, torch.device("cpu")))
+    np.testing.assert_allclose(maps, expected.numpy(), atol=1e-6)
+
+
+def test_gradcam_cli_explicit_class_and_gradcam_plus_plus(trained_run, tmp_path, capsys):
+    paths = save_test_images(tmp_path)
+    out = tmp_path / "cat.png"
+    assert gradcam.main(["--image", paths[0], "--class", "cat", "--method", "gradcam++", "--checkpoint",
+                         str(trained_run / "best.pt"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    assert gradcam.main(["--image", paths[0], "--class", "3", "--checkpoint", str(trained_run / "best.pt"),
+                         "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("kind", ["--misclassified", "--correct"])
+def test_gradcam_test_set_grid(trained_run, data_dir, tmp_path, capsys, kind):
+    out = tmp_path / "grid.png"
+    npy = tmp_path / "grid.npy"
+    argv = [kind, "6", "--checkpoint", str(trained_run / "best.pt"), "--data-dir", data_dir, "--out", str(out),
+            "--save-npy", str(npy), "--seed", "1"]
+    assert gradcam.main(argv) == 0
+    first = np.load(npy)
+    assert out.stat().st_size > 10_000 and 1 <= len(first) <= 6
+    assert gradcam.main(argv) == 0
+    assert np.array_equal(np.load(npy), first)  # the seeded choice repeats
+
+
+def test_gradcam_bad_input(trained_run, tmp_path, capsys):
+    checkpoint = str(trained_run / "best.pt")
+    image = save_test_images(tmp_path)[0]
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 100)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    cases = [
+        (["--image", str(tmp_path / "missing.png"), "--checkpoint", checkpoint], "not found"),
+        (["--image", str(not_image), "--checkpoint", checkpoint], "not an image"),
+        (["--image", image, "--checkpoint", str(tmp_path / "none.pt")], "python train.py"),
+        (["--image", image, "--checkpoint", str(corrupt)], "corrupt"),
+        (["--image", image, "--checkpoint", str(foreign)], "not a checkpoint written by train.py"),
+        (["--image", image, "--checkpoint", checkpoint, "--class", "unicorn"], "unknown class 'unicorn'"),
+        (["--image", image, "--checkpoint", checkpoint, "--class", "10"], "unknown class '10'"),
+        (["--image", image, "--checkpoint", checkpoint, "--layer", "layer9"], "valid layers:"),
+        (["--misclassified", "4", "--checkpoint", checkpoint, "--data-dir", str(tmp_path / "nodata")],
+         "test set is not on disk"),
+        (["--checkpoint", checkpoint], "either --image"),
+    ]
+    for argv, message in cases:
+        code, err = run_main(gradcam, argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not list(tmp_path.glob("*_gradcam.png")) and not list(tmp_path.glob("*.tmp-*"))
