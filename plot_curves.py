@@ -1,0 +1,223 @@
+"""Learning curves (loss, accuracy, learning rate) from train.py's log.json, as a picture.
+
+    python plot_curves.py log.json                          # writes log_curves.png (+ log_confusion.png)
+    python plot_curves.py seed/log.json log.json --labels seed ours --out compare.png
+
+Several logs are overlaid in one picture, one colour per run. For a single finished run, a second picture
+shows its confusion matrix and per-class accuracy (--no-confusion skips it). A log of a run still in
+progress plots the epochs it has. Needs only the JSON log: no torch, it starts fast.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+
+LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this; a test keeps the two equal
+RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("logs", nargs="+", metavar="LOG", help="log.json file(s) written by train.py")
+    parser.add_argument("--out", default=None,
+                        help="picture to write (default: LOG_curves.png beside the first log, or "
+                             "compare_curves.png there for several logs)")
+    parser.add_argument("--labels", nargs="+", default=None, help="one name per log (default: from the paths)")
+    parser.add_argument("--no-confusion", dest="confusion", action="store_false",
+                        help="skip the confusion-matrix picture (written as OUT_confusion.png for a single "
+                             "log that has one, i.e. a finished run)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_log(path):
+    """Load and check one training log; every failure is one line."""
+    try:
+        with open(path) as f:
+            log = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"log {path} not found; train.py writes log.json into its --out-dir") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not a log file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not JSON ({type(error).__name__}); give the log.json that train.py "
+                         f"wrote") from None
+    if not isinstance(log, dict) or log.get("format") != LOG_FORMAT or not isinstance(log.get("epochs"), list):
+        raise UsageError(f"{path} is JSON but not a training log written by train.py")
+    if not log["epochs"]:
+        raise UsageError(f"{path} has no finished epoch yet; plot it after the first epoch")
+    for record in log["epochs"]:
+        if not isinstance(record, dict) or any(key not in record for key in RECORD_KEYS):
+            raise UsageError(f"{path} has an epoch record without {', '.join(RECORD_KEYS)}")
+    return log
+
+
+def summary(log):
+    """Final and best test accuracy, epochs, time and device, from the epoch records themselves
+    (so that a run still in progress is summarized the same way)."""
+    epochs = log["epochs"]
+    best = max(epochs, key=lambda r: (r["test_acc"], -r["epoch"]))
+    env = log.get("environment", {})
+    return {"epochs_done": epochs[-1]["epoch"], "epochs_planned": log.get("args", {}).get("epochs"),
+            "final_test_acc": epochs[-1]["test_acc"], "final_test_acc_tta": epochs[-1]["test_acc_tta"],
+            "best_test_acc": best["test_acc"], "best_test_acc_epoch": best["epoch"],
+            "total_seconds": sum(r["seconds"] for r in epochs),
+            "device": env.get("device_name", env.get("device", "?"))}
+
+
+def one_line(s):
+    planned = f"/{s['epochs_planned']}" if s["epochs_planned"] else ""
+    return (f"final test {100 * s['final_test_acc']:.2f}% (flip TTA {100 * s['final_test_acc_tta']:.2f}%), "
+            f"best {100 * s['best_test_acc']:.2f}% at epoch {s['best_test_acc_epoch']}, "
+            f"{s['epochs_done']}{planned} epochs, {s['total_seconds'] / 60:.1f} min, {s['device']}")
+
+
+def table(labels, summaries):
+    header = ("run", "epochs", "final test", "flip TTA", "best test", "best epoch", "minutes", "device")
+    rows = [(label, f"{s['epochs_done']}/{s['epochs_planned'] or '?'}", f"{100 * s['final_test_acc']:.2f}%",
+             f"{100 * s['final_test_acc_tta']:.2f}%", f"{100 * s['best_test_acc']:.2f}%",
+             str(s["best_test_acc_epoch"]), f"{s['total_seconds'] / 60:.1f}", s["device"])
+            for label, s in zip(labels, summaries)]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # headless: nothing opens a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def curves_figure(logs, labels, summaries):
+    plt = pyplot()
+    figure, (loss_axis, acc_axis, lr_axis) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for index, (log, label, s) in enumerate(zip(logs, labels, summaries)):
+        colour = f"C{index}"
+        epochs = [r["epoch"] for r in log["epochs"]]
+
+        def plot(axis, key, style, name, scale=1.0):
+            if all(key in r for r in log["epochs"]):
+                axis.plot(epochs, [scale * r[key] for r in log["epochs"]], style, color=colour,
+                          label=f"{label} {name}" if len(logs) > 1 else name)
+
+        plot(loss_axis, "train_loss", "-", "train")
+        plot(loss_axis, "val_loss", ":", "validation")
+        plot(loss_axis, "test_loss", "--", "test")
+        plot(acc_axis, "train_acc", "-", "train", 100)
+        plot(acc_axis, "val_acc", ":", "validation", 100)
+        plot(acc_axis, "test_acc", "--", "test", 100)
+        plot(acc_axis, "test_acc_tta", "-.", "test, flip TTA", 100)
+        plot(lr_axis, "lr", "-", "learning rate")
+        acc_axis.plot([s["best_test_acc_epoch"]], [100 * s["best_test_acc"]], "*", color=colour, markersize=12,
+                      label=f"best test ({100 * s['best_test_acc']:.2f}%)" if len(logs) == 1 else None)
+    loss_axis.set(title="loss (training criterion)", xlabel="epoch", ylabel="loss", yscale="log")
+    acc_axis.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    lr_axis.set(title="learning rate (at each epoch's start)", xlabel="epoch", ylabel="lr", yscale="log")
+    from matplotlib.ticker import MaxNLocator
+    for axis in (loss_axis, acc_axis, lr_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if len(logs) == 1:
+        figure.suptitle(f"{labels[0]}: {one_line(summaries[0])}", fontsize=11)
+    else:
+        figure.suptitle("; ".join(f"{label}: {100 * s['final_test_acc']:.2f}%" for label, s in
+                                  zip(labels, summaries)) + " final test accuracy", fontsize=11)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(log, label):
+    plt = pyplot()
+    classes, matrix = log["classes"], log["confusion_matrix"]
+    per_class = log["per_class_accuracy"]
+    figure, (matrix_axis, bar_axis) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.3, 1]})
+    image = matrix_axis.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            matrix_axis.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                             color="white" if count > 0.5 * max(max(r) for r in matrix) else "black")
+    matrix_axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+                    title="confusion matrix (test set, final epoch)")
+    matrix_axis.set_xticklabels(classes, rotation=45, ha="right")
+    matrix_axis.set_yticklabels(classes)
+    figure.colorbar(image, ax=matrix_axis, fraction=0.046)
+    accuracies = [100 * (per_class[name] or 0) for name in classes]
+    bar_axis.barh(range(len(classes)), accuracies, color="C0")
+    bar_axis.set(yticks=range(len(classes)), xlim=(0, 100), xlabel="accuracy (%)", title="per-class accuracy")
+    bar_axis.set_yticklabels(classes)
+    bar_axis.invert_yaxis()
+    for y, value in enumerate(accuracies):
+        bar_axis.text(value, y, f" {value:.1f}%", va="center", fontsize=8)
+    figure.suptitle(f"{label}: final test accuracy {100 * log['epochs'][-1]['test_acc']:.2f}%", fontsize=11)
+    figure.tight_layout()
+    return figure
+
+
+def save_figure(figure, path):
+    """Atomically: a reader sees the old picture or the whole new one, never a part."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UsageError(f"cannot write {path} ({error.strerror}); choose another --out") from None
+
+
+def output_paths(args):
+    first = os.path.splitext(args.logs[0])[0]
+    curves = args.out or (f"{first}_curves.png" if len(args.logs) == 1 else
+                          os.path.join(os.path.dirname(args.logs[0]), "compare_curves.png"))
+    stem = os.path.splitext(curves)[0]
+    return curves, f"{stem[:-len('_curves')] if stem.endswith('_curves') else stem}_confusion.png"
+
+
+def default_labels(paths):
+    """A log's name, or its folder's name for the usual log.json; the path when names collide."""
+    names = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        names.append(folder if stem == "log" and folder else stem)
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.labels is not None and len(args.labels) != len(args.logs):
+            raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
+        logs = [read_log(path) for path in args.logs]
+        labels = args.labels or default_labels(args.logs)
+        summaries = [summary(log) for log in logs]
+        curves_path, confusion_path = output_paths(args)
+        save_figure(curves_figure(logs, labels, summaries), curves_path)
+        print(table(labels, summaries))
+        print(f"wrote {curves_path}")
+        if args.confusion and len(logs) == 1 and "confusion_matrix" in logs[0]:
+            save_figure(confusion_figure(logs[0], labels[0]), confusion_path)
+            print(f"wrote {confusion_path}")
+    except UsageError as error:
+        print(f"plot_curves.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
