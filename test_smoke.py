@@ -555,3 +555,160 @@ def test_plot_curves_does_not_import_torch():
     import sys
     code = "import sys, plot_curves; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__)).returncode == 0
+
+
+# ----------------------------------------------------------------------------- faults
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def start_training(argv, pause_in_write=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if pause_in_write:
+        env["TRAIN_TEST_PAUSE_IN_WRITE"] = str(pause_in_write)  # test-only: hold each write half-done
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, f"training ended early: {process.communicate()}"
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError("timed out waiting for the training process")
+
+
+def temp_file_of(out, name):
+    return lambda: out.exists() and any(n.startswith(f"{name}.tmp-") for n in os.listdir(out))
+
+
+def assert_files_consistent(out):
+    """Every file is a complete version; the checkpoint and the log (if any) describe complete epochs."""
+    epoch = 0
+    if (out / "last.pt").exists():
+        checkpoint = torch.load(out / "last.pt", weights_only=True)
+        epoch = checkpoint["epoch"]
+        assert [r["epoch"] for r in checkpoint["history"]] == list(range(1, epoch + 1))
+        assert torch.load(out / "best.pt", weights_only=True)["epoch"] <= epoch
+    if (out / "log.json").exists():
+        logged = [r["epoch"] for r in json.loads((out / "log.json").read_text())["epochs"]]
+        assert logged == list(range(1, len(logged) + 1)) and epoch - 1 <= len(logged) <= epoch
+    return epoch
+
+
+def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    fresh = tiny_args(data_dir, out, "--epochs", "3")
+    resume = ["--resume", str(out / "last.pt"), "--device", "cpu", "--workers", "0", "--data-dir", data_dir]
+    # Where each interruption lands: inside a checkpoint write, inside a log write, between steps,
+    # by SIGTERM and by Ctrl-C (SIGINT), and inside the last epoch's checkpoint write.
+    plan = [("last.pt", signal.SIGKILL), ("log.json", signal.SIGKILL), ("step", signal.SIGKILL),
+            ("step", signal.SIGTERM), ("step", signal.SIGINT), ("last.pt", signal.SIGKILL)]
+    for where, how in plan:
+        epoch_before = assert_files_consistent(out) if out.exists() else 0
+        if epoch_before == 3:
+            break
+        process = start_training(resume if epoch_before else fresh, pause_in_write=0.4)
+        if where == "step":
+            wait_for(lambda: process.stdout.readline().startswith(("resuming at", "training from")), process)
+            time.sleep(0.3)  # into the epoch's steps
+        else:
+            wait_for(temp_file_of(out, where), process)
+        process.send_signal(how)
+        stdout, stderr = process.communicate(timeout=120)
+        if how != signal.SIGKILL:
+            assert process.returncode == 130 and "continue with: python train.py --resume" in stderr, stderr
+            assert not [n for n in os.listdir(out) if ".tmp-" in n]  # a graceful stop writes nothing partial
+        assert_files_consistent(out)
+    # Whatever the kills left, resuming finishes the run, and the log agrees with the checkpoint.
+    while assert_files_consistent(out) < 3:
+        assert train.main(resume if (out / "last.pt").exists() else fresh) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and "confusion_matrix" in log
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, monkeypatch, capsys):
+    writes = []
+
+    def disk_full_on_second_epoch():
+        writes.append(1)
+        if len(writes) > 2:  # epoch 1 wrote last.pt and log.json; the next write finds the disk full
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "pause_for_tests", disk_full_on_second_epoch)
+    code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
+    assert code == 1 and "the disk is full" in err and len(error_lines(err)) == 1, err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+class CodeOnLoad:
+    """A pickle that runs a command when loaded, as a malicious checkpoint would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, trained_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": resnet.CHECKPOINT_FORMAT, "model": CodeOnLoad(marker)}, hostile)
+    code, err = run_main(train, ["--resume", str(hostile), "--data-dir", data_dir, "--device", "cpu",
+                                 "--out-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "refused" in err and len(error_lines(err)) == 1, err
+    image = save_test_images(tmp_path)[0]
+    code, err = run_main(gradcam, ["--image", image, "--checkpoint", str(hostile)], capsys)
+    assert code == 2 and "refused" in err, err
+    assert not marker.exists()
+    # The payload is real: an unsafe load would have run it.
+    torch.load(hostile, weights_only=False)
+    assert marker.exists()
+
+
+def test_second_run_on_the_same_folder_refuses(data_dir, tmp_path, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import train, time; lock = train.RunLock({str(tmp_path)!r}); lock.__enter__(); "
+                               f"print('locked', flush=True); time.sleep(60)"],
+        cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
+        assert code == 2 and "another train.py is running" in err
+        assert not (tmp_path / "log.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0  # the lock died with its holder
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
+    argv = ["--benchmark", "--device", "cpu", "--batch-size", "8", "--benchmark-steps", "2", "--workers", "1",
+            "--out-dir", str(tmp_path)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    for key in ("pipeline_images_per_s", "step_images_per_s", "full_loop_images_per_s", "efficiency",
+                "seed_settings_images_per_s", "speedup_over_seed_settings", "peak_memory_mb"):
+        assert result[key] > 0, key
+    assert result["efficiency"] == pytest.approx(
+        result["full_loop_images_per_s"] / min(result["pipeline_images_per_s"], result["step_images_per_s"]))
+    for label in ("input pipeline alone", "model step alone", "full training loop", "efficiency",
+                  "seed's settings", "speedup", "peak"):
+        assert label in out
+    assert f"{result['speedup_over_seed_settings']:.2f}x" in out
