@@ -168,9 +168,18 @@ def overlay(image, heatmap, alpha=0.5):
 
 # ----------------------------------------------------------------------------- command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where there is a value to show (not for switches and derived defaults)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, True, False) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
                         help="image(s) to explain: any format and size Pillow reads")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py")

@@ -55,18 +55,28 @@ class WriteFailed(Exception):
 
 # ----------------------------------------------------------------------------- command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where there is a value to show (not for switches and derived defaults)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, True, False) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="The defaults are a published recipe, not tuned on any test set: batch 512; SGD with Nesterov "
                "momentum 0.9 (Sutskever et al. 2013); weight decay 5e-4 (He et al. 2016, kuangliu/pytorch-cifar); "
                "one-cycle schedule (Smith & Topin 2019) with PyTorch's OneCycleLR shape: from peak/25 up to the "
-               "peak over the first 30%% of steps, then a cosine anneal to peak/250000; peak lr 0.1 per 128 "
+               "peak over the first 30% of steps, then a cosine anneal to peak/250000; peak lr 0.1 per 128 "
                "images (Goyal et al. 2017 linear scaling: 0.4 at batch 512); label smoothing 0.1 (Szegedy et "
-               "al. 2016); cutout 16 (DeVries & Taylor 2017). The seed project's recipe: --schedule plateau "
-               "--lr 0.01 --batch-size 64 --weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 "
-               "--cutout 0 --precision fp32 --no-channels-last.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "al. 2016); cutout 16 (DeVries & Taylor 2017). The seed project's recipe, with a validation "
+               "split instead of the test set: --schedule plateau --val-split 5000 --lr 0.01 --batch-size 64 "
+               "--weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 --cutout 0 --precision fp32 "
+               "--no-channels-last.",
+        formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10", help="dataset")
     data.add_argument("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
@@ -747,8 +757,10 @@ class Run:
                 self.save(record, confusion)
                 print(epoch_line(record, args.epochs, self.val is not None), flush=True)
         except (Stopped, KeyboardInterrupt) as error:
-            saved = (f"epochs 1-{len(self.history)} are saved; continue with: python train.py --resume "
-                     f"{paths[LAST_NAME]}" if self.history else "no epoch was completed, nothing was saved")
+            done = len(self.history)
+            saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
+                     f"python train.py --resume {paths[LAST_NAME]}" if done else
+                     "no epoch was completed, nothing was saved")
             raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
         summary = summarize(self.history, self.best_key)
         print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
