@@ -180,11 +180,12 @@ def mean_colour(mean):
     return tuple(int(round(255 * m)) for m in mean)
 
 
-def train_transform(mean, cutout=16, pad_crop=4, flip=True):
+def train_transform(mean, cutout=16, pad_crop=4, flip=True, normalize_std=None):
     """albumentations pipeline on uint8 HWC images, returning uint8 CHW tensors (normalized later, on the device).
 
     Reflect-pad by `pad_crop` then a random 32x32 crop; horizontal flip; one `cutout` x `cutout` hole
-    filled with the mean colour (DeVries & Taylor 2017). 0 (or False) turns a step off.
+    filled with the mean colour (DeVries & Taylor 2017). 0 (or False) turns a step off. With
+    `normalize_std`, it normalizes to float32 itself (the benchmark compares that with the device doing it).
     """
     import cv2
     import albumentations as A
@@ -198,6 +199,8 @@ def train_transform(mean, cutout=16, pad_crop=4, flip=True):
     if cutout:
         steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout, cutout),
                                      hole_width_range=(cutout, cutout), fill=mean_colour(mean), p=1.0))
+    if normalize_std is not None:
+        steps.append(A.Normalize(mean=mean, std=normalize_std, max_pixel_value=255.0))
     steps.append(ToTensorV2())
     return A.Compose(steps)
 

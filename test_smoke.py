@@ -115,6 +115,15 @@ def test_train_transform_output_and_cutout_fill():
     assert (out[:, ~hole] == 200).all()
 
 
+def test_pipeline_normalization_equals_device_normalization():
+    image = coloured_images(1, 3)[0][0]
+    mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    in_pipeline = augment.train_transform(mean, 0, 0, False, normalize_std=std)(image=image)["image"]
+    on_device = augment.normalize(augment.train_transform(mean, 0, 0, False)(image=image)["image"][None], mean, std)
+    assert in_pipeline.dtype == torch.float32
+    assert torch.allclose(in_pipeline, on_device[0], atol=1e-5)
+
+
 def test_normalize_uses_cifar_statistics():
     mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
     images = torch.tensor(augment.mean_colour(mean), dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
@@ -265,6 +274,24 @@ def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path, m
     resumed = torch.load(interrupted / "last.pt", weights_only=True)["model"]
     uninterrupted = torch.load(straight / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_compiled_run_saves_plain_checkpoints_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
+    save = train.Run.save
+
+    def save_then_interrupt(self, record, confusion):
+        save(self, record, confusion)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Run, "save", save_then_interrupt)
+    assert run_main(train, tiny_args(data_dir, tmp_path, "--compile"), capsys)[0] == 130
+    monkeypatch.undo()
+    assert train.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0",
+                       "--data-dir", data_dir, "--compile"]) == 0
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["compile"]
+    assert list(checkpoint["model"]) == list(resnet.resnet18().state_dict())  # no '_orig_mod.' prefixes
+    assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1, 2]
 
 
 def test_plateau_schedule_watches_validation_not_test(data_dir, tmp_path):
@@ -703,12 +730,12 @@ def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "benchmark.json").read_text())
-    for key in ("pipeline_images_per_s", "step_images_per_s", "full_loop_images_per_s", "efficiency",
+    for key in ("pipeline_images_per_s", "pipeline_normalized_in_workers_images_per_s", "step_images_per_s", "full_loop_images_per_s", "efficiency",
                 "seed_settings_images_per_s", "speedup_over_seed_settings", "peak_memory_mb"):
         assert result[key] > 0, key
     assert result["efficiency"] == pytest.approx(
         result["full_loop_images_per_s"] / min(result["pipeline_images_per_s"], result["step_images_per_s"]))
-    for label in ("input pipeline alone", "model step alone", "full training loop", "efficiency",
+    for label in ("input pipeline alone", "normalized to float32 in the workers", "model step alone", "full training loop", "efficiency",
                   "seed's settings", "speedup", "peak"):
         assert label in out
     assert f"{result['speedup_over_seed_settings']:.2f}x" in out
