@@ -274,7 +274,10 @@ def to_tensor(images):
 
 
 def normalize(images, mean, std):
-    """uint8 (B, 3, H, W) on any device -> float32 normalized, channels_last if the input was."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    """uint8 (B, 3, H, W) on any device -> float32 normalized, channels_last if the input was.
+
+    mean and std: 3 values in [0, 1], as sequences or as tensors already on the images' device.
+    """
+    mean = torch.as_tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.as_tensor(std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std

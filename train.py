@@ -271,9 +271,11 @@ def split_data(data, args):
     return (images[train], labels[train]), (images[val], labels[val])
 
 
-def ignore_sigint_in_worker(_worker_id):
-    # Ctrl-C reaches the whole process group: let only the main process decide how to stop.
+def ignore_stop_signals_in_worker(_worker_id):
+    # Ctrl-C (and a cluster's SIGTERM) reach the whole process group: only the main process decides how
+    # to stop; workers end with it (DataLoader shuts them down, and they exit when their parent is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None):
@@ -283,7 +285,7 @@ def make_train_loader(images, labels, args, mean, device, workers, normalize_std
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=ignore_sigint_in_worker if workers > 0 else None)
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None)
     return loader, sampler
 
 
@@ -310,7 +312,8 @@ class StepRunner:
 
     def __init__(self, model, args, precision, device, mean, std, steps_per_epoch):
         self.model, self.device, self.precision = model, device, precision
-        self.mean, self.std = mean, std
+        # On the device once: a host tensor per step would be a host-to-device copy per step.
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
         self.channels_last = args.channels_last
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.optimizer = make_optimizer(model, args)
@@ -393,7 +396,7 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
     bar = progress_bar(loader, len(loader), f"epoch {epoch}/{epochs}", bar_enabled)
     for step, (images, labels) in enumerate(bar):
         if stop.signal is not None:
-            raise Stopped(f"epoch {epoch}, step {step}")
+            raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         loss, logits = runner(images, labels)
