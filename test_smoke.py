@@ -187,6 +187,22 @@ def test_load_dataset_reads_cifar_format_exactly(tmp_path, capsys):
     assert "not the official CIFAR-10" in capsys.readouterr().err  # a copy loads, with a warning
 
 
+def test_cifar100_format_trains(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    images, _ = coloured_images(40, 5)
+    for name in ("train", "test"):
+        with open(folder / name, "wb") as f:  # CIFAR-100 keeps its labels under 'fine_labels'
+            pickle.dump({"data": images.transpose(0, 3, 1, 2).reshape(40, -1),
+                         "fine_labels": list(range(40)), "coarse_labels": [0] * 40}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
+    assert train.main(tiny_args(str(tmp_path), tmp_path / "run", "--dataset", "cifar100", "--epochs", "1")) == 0
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["model_args"] == {"num_classes": 100} and checkpoint["dataset"] == "cifar100"
+    assert tuple(checkpoint["mean"]) == augment.CIFAR100_MEAN
+
+
 def test_missing_dataset_without_download_says_where(tmp_path):
     with pytest.raises(augment.DatasetError, match="cifar-10-python.tar.gz"):
         augment.load_dataset("cifar10", str(tmp_path), download=False)
