@@ -251,9 +251,13 @@ def test_training_writes_log_and_checkpoints(trained_run):
     assert not [n for n in os.listdir(trained_run) if ".tmp-" in n]
 
 
-def test_training_learns_a_learnable_task(data_dir, tmp_path):
+def test_training_learns_a_learnable_task(data_dir, tmp_path, capsys):
     argv = tiny_args(data_dir, tmp_path, "--epochs", "4", "--train-subset", "200", "--batch-size", "20")
     assert train.main(argv) == 0
+    out, err = capsys.readouterr()
+    # Not a terminal: one line per epoch and no progress bars.
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "%|" not in err and "step/s" not in err
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["epochs"][-1]["test_acc"] >= 0.5, log["epochs"]  # chance is 0.1
     assert log["epochs"][-1]["train_loss"] < log["epochs"][0]["train_loss"]
