@@ -203,6 +203,16 @@ def test_cifar100_format_trains(tmp_path):
     assert tuple(checkpoint["mean"]) == augment.CIFAR100_MEAN
 
 
+def test_dataset_files_and_checksums_match_torchvision():
+    from torchvision.datasets import CIFAR10, CIFAR100
+    for spec, reference in ((augment.CIFAR10, CIFAR10), (augment.CIFAR100, CIFAR100)):
+        assert (spec.url, spec.archive, spec.archive_md5, spec.folder) == (
+            reference.url, reference.filename, reference.tgz_md5, reference.base_folder)
+        assert [list(f) for f in spec.train_files + spec.test_files] == reference.train_list + reference.test_list
+        assert spec.meta_file == (reference.meta["filename"], reference.meta["md5"])
+        assert spec.class_names_key == reference.meta["key"]
+
+
 def test_missing_dataset_without_download_says_where(tmp_path):
     with pytest.raises(augment.DatasetError, match="cifar-10-python.tar.gz"):
         augment.load_dataset("cifar10", str(tmp_path), download=False)
@@ -750,12 +760,13 @@ def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "benchmark.json").read_text())
-    for key in ("pipeline_images_per_s", "pipeline_normalized_in_workers_images_per_s", "step_images_per_s", "full_loop_images_per_s", "efficiency",
-                "seed_settings_images_per_s", "speedup_over_seed_settings", "peak_memory_mb"):
+    for key in ("pipeline_images_per_s", "pipeline_normalized_in_workers_images_per_s", "step_images_per_s",
+                "full_loop_images_per_s", "efficiency", "seed_settings_images_per_s", "speedup_over_seed_settings",
+                "peak_memory_mb"):
         assert result[key] > 0, key
     assert result["efficiency"] == pytest.approx(
         result["full_loop_images_per_s"] / min(result["pipeline_images_per_s"], result["step_images_per_s"]))
-    for label in ("input pipeline alone", "normalized to float32 in the workers", "model step alone", "full training loop", "efficiency",
-                  "seed's settings", "speedup", "peak"):
+    for label in ("input pipeline alone", "normalized to float32 in the workers", "model step alone",
+                  "full training loop", "efficiency", "seed's settings", "speedup", "peak"):
         assert label in out
     assert f"{result['speedup_over_seed_settings']:.2f}x" in out
