@@ -293,8 +293,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path, m
     assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 2
     monkeypatch.undo()
 
-    assert train.main(["--resume", str(interrupted / "last.pt"), "--device", "cpu", "--workers", "0",
-                       "--data-dir", data_dir]) == 0
+    code, err = run_main(train, ["--resume", str(interrupted / "last.pt"), "--device", "cpu", "--workers", "0",
+                                 "--data-dir", data_dir, "--epochs", "9"], capsys)
+    assert code == 0 and "ignoring --epochs 9: --resume continues the recipe" in err
     resumed_log = json.loads((interrupted / "log.json").read_text())
     straight_log = json.loads((straight / "log.json").read_text())
     assert [r["epoch"] for r in resumed_log["epochs"]] == [1, 2, 3]

@@ -656,6 +656,12 @@ def args_for_resume(args):
         if key not in checkpoint:
             raise CheckpointError(f"{args.resume} lacks '{key}': it cannot be resumed")
     merged = dict(checkpoint["args"])
+    defaults = vars(build_parser().parse_args([]))
+    ignored = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+               if k not in RUNTIME_FLAGS and v != defaults.get(k) and v != merged.get(k)]
+    if ignored:
+        print(f"warning: ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}",
+              file=sys.stderr)
     merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS})
     if args.out_dir is None:
         merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
