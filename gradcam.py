@@ -288,6 +288,17 @@ def explain_images(args, model, checkpoint, device):
     return maps
 
 
+def display_copy(image, longest=1024):
+    """The original for drawing: a figure panel shows a few hundred pixels, so a large photo is drawn at
+    most `longest` pixels wide or high (a 12-megapixel overlay at full size would need gigabytes)."""
+    height, width = image.shape[:2]
+    scale = min(1.0, longest / max(height, width))
+    if scale == 1.0:
+        return image, f"{width}x{height}"
+    shown = resize(image, (max(1, round(height * scale)), max(1, round(width * scale))))
+    return shown, f"{width}x{height}, drawn at {shown.shape[1]}x{shown.shape[0]}"
+
+
 def image_figure(rows, args, originals, small, maps, targets, probabilities, classes):
     import matplotlib
     matplotlib.use("Agg")
@@ -297,10 +308,10 @@ def image_figure(rows, args, originals, small, maps, targets, probabilities, cla
     for row, (i, j) in zip(axes, rows):
         heatmap, original = maps[i, j], originals[i]
         explained = f"{classes[targets[i]]} ({100 * probabilities[i, targets[i]]:.1f}%)"
+        shown, size_note = display_copy(original)
         panels = [(small[i], "input, 32x32"), (heatmap, f"{method} at {args.layer[j]}"),
                   (overlay(small[i], heatmap), "overlay, 32x32"),
-                  (overlay(original, resize(heatmap, original.shape[:2])),
-                   f"overlay, {original.shape[1]}x{original.shape[0]}")]
+                  (overlay(shown, resize(heatmap, shown.shape[:2])), f"overlay on the original\n{size_note}")]
         for axis, (picture, title) in zip(row, panels):
             axis.imshow(picture, cmap="jet" if picture.ndim == 2 else None, vmin=0, vmax=1,
                         interpolation="nearest" if picture.shape[0] == 32 else "antialiased")

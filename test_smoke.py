@@ -493,6 +493,13 @@ def test_gradcam_cli_writes_picture_top5_and_maps(trained_run, tmp_path, capsys)
     np.testing.assert_allclose(maps, expected.numpy(), atol=1e-6)
 
 
+def test_large_originals_are_drawn_smaller_and_say_so():
+    shown, note = gradcam.display_copy(np.zeros((3000, 4000, 3), dtype=np.uint8))
+    assert shown.shape == (768, 1024, 3) and note == "4000x3000, drawn at 1024x768"
+    small = np.zeros((48, 80, 3), dtype=np.uint8)
+    assert gradcam.display_copy(small)[0] is small and gradcam.display_copy(small)[1] == "80x48"
+
+
 def test_gradcam_cli_explicit_class_and_gradcam_plus_plus(trained_run, tmp_path, capsys):
     paths = save_test_images(tmp_path)
     out = tmp_path / "cat.png"
