@@ -187,6 +187,8 @@ def train_transform(mean, cutout=16, pad_crop=4, flip=True, normalize_std=None):
     filled with the mean colour (DeVries & Taylor 2017). 0 (or False) turns a step off. With
     `normalize_std`, it normalizes to float32 itself (the benchmark compares that with the device doing it).
     """
+    # albumentations asks PyPI for a newer version on import unless told not to: no network for that.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import cv2
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
