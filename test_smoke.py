@@ -159,11 +159,24 @@ def test_two_workers_draw_different_augmentations():
     assert len({tuple(x.flatten().tolist()) for x in batches[0]}) > 20
 
 
+def crop_row_and_flip(reseed_with, seeds=300):
+    """Correlation between the crop's row offset and the flip decision over batches seeded 0..seeds-1."""
+    transform = augment.train_transform(augment.CIFAR10_MEAN, cutout=0)
+    transform.save_applied_params = True
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    rows, flips = [], []
+    for seed in range(seeds):
+        reseed_with(transform, seed)
+        applied = dict(transform(image=image)["applied_transforms"])
+        rows.append(applied["RandomCrop"]["crop_coords"][1])
+        flips.append("HorizontalFlip" in applied)
+    return np.corrcoef(rows, flips)[0, 1]
+
+
 def test_reseed_gives_each_transform_its_own_stream():
-    transform = augment.train_transform(augment.CIFAR10_MEAN)
-    augment.reseed(transform, [0, 1, 2])
-    draws = [t.py_random.random() for t in transform.transforms]
-    assert len(set(draws)) == len(draws)  # Compose.set_random_seed would make them all equal
+    # Compose.set_random_seed hands every transform the same seed: the flip then follows the crop.
+    assert abs(crop_row_and_flip(lambda t, seed: t.set_random_seed(seed))) > 0.5
+    assert abs(crop_row_and_flip(lambda t, seed: augment.reseed(t, [seed]))) < 0.2
 
 
 def test_sampler_covers_data_and_changes_order_per_epoch():
