@@ -22,18 +22,8 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: X)' only where there is a value to show (not for switches and derived defaults)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, True, False) or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log.json file(s) written by train.py")
     parser.add_argument("--out", default=None,
                         help="picture to write (default: LOG_curves.png beside the first log, or "

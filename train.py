@@ -55,15 +55,6 @@ class WriteFailed(Exception):
 
 # ----------------------------------------------------------------------------- command line
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: X)' only where there is a value to show (not for switches and derived defaults)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, True, False) or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -75,54 +66,53 @@ def build_parser():
                "al. 2016); cutout 16 (DeVries & Taylor 2017). The seed project's recipe, with a validation "
                "split instead of the test set: --schedule plateau --val-split 5000 --lr 0.01 --batch-size 64 "
                "--weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 --cutout 0 --precision fp32 "
-               "--no-channels-last.",
-        formatter_class=HelpFormatter)
+               "--no-channels-last.")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10", help="dataset")
-    data.add_argument("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
+    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10", help="dataset (default: %(default)s)")
+    data.add_argument("--data-dir", default="./data", help="folder holding (or receiving) the dataset (default: %(default)s)")
     data.add_argument("--no-download", dest="download", action="store_false",
                       help="fail instead of downloading a missing dataset")
     data.add_argument("--train-subset", type=int, default=0, metavar="N",
-                      help="train on the first N training images only (0: all), for quick runs")
+                      help="train on the first N training images only (0: all), for quick runs (default: %(default)s)")
     data.add_argument("--val-split", type=int, default=0, metavar="N",
                       help="hold out N training images as a validation set; the plateau schedule and "
-                           "best.pt then watch it instead of the training loss / test accuracy")
+                           "best.pt then watch it instead of the training loss / test accuracy (default: %(default)s)")
     data.add_argument("--workers", type=int, default=None,
                       help="DataLoader workers (default: CPU count, at most 16)")
 
     aug = parser.add_argument_group("augmentation")
     aug.add_argument("--pad-crop", type=int, default=4, metavar="PIXELS",
-                     help="reflect-pad by this many pixels, then random 32x32 crop (0: off)")
+                     help="reflect-pad by this many pixels, then random 32x32 crop (0: off) (default: %(default)s)")
     aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
     aug.add_argument("--cutout", type=int, default=16, metavar="PIXELS",
-                     help="side of the one square cutout hole, filled with the mean colour (0: off)")
+                     help="side of the one square cutout hole, filled with the mean colour (0: off) (default: %(default)s)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=50, help="training epochs")
-    opt.add_argument("--batch-size", type=int, default=512, help="images per step")
+    opt.add_argument("--epochs", type=int, default=50, help="training epochs (default: %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=512, help="images per step (default: %(default)s)")
     opt.add_argument("--lr", type=float, default=None,
                      help="peak learning rate (default: 0.1 * batch-size / 128)")
-    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     opt.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
-    opt.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    opt.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing")
+    opt.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: %(default)s)")
+    opt.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: %(default)s)")
     opt.add_argument("--schedule", choices=("onecycle", "plateau"), default="onecycle",
                      help="onecycle: stepped every batch; plateau: ReduceLROnPlateau on the validation "
-                          "accuracy (with --val-split) or else the training loss, never the test set")
+                          "accuracy (with --val-split) or else the training loss, never the test set (default: %(default)s)")
     opt.add_argument("--warmup", type=float, default=0.3, metavar="FRACTION",
-                     help="onecycle: fraction of the steps spent warming up")
+                     help="onecycle: fraction of the steps spent warming up (default: %(default)s)")
     opt.add_argument("--plateau-patience", type=int, default=5, metavar="EPOCHS",
-                     help="plateau: epochs without improvement before the lr is divided by 10")
+                     help="plateau: epochs without improvement before the lr is divided by 10 (default: %(default)s)")
 
     speed = parser.add_argument_group("device and speed")
-    speed.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    speed.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: %(default)s)")
     speed.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                        help="autocast precision; auto: bf16 where the device supports it, else fp16 "
-                            "with a grad scaler on CUDA, else fp32")
+                            "with a grad scaler on CUDA, else fp32 (default: %(default)s)")
     speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="keep the NCHW memory format")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    speed.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation (default: %(default)s)")
     speed.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower); with it a resumed CPU run repeats an "
                             "uninterrupted one exactly")
