@@ -174,10 +174,12 @@ def build_parser():
                         help="image(s) to explain: any format and size Pillow reads")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
     parser.add_argument("--layer", nargs="+", default=["layer4"], metavar="NAME",
-                        help="module path(s): layer3, layer4, layer4.1, layer4.1.conv2, ...; one row each (default: layer4)")
+                        help="module path(s): layer3, layer4, layer4.1, layer4.1.conv2, ...; one row each "
+                             "(default: layer4)")
     parser.add_argument("--class", dest="target", default=None, metavar="NAME|INDEX",
                         help="explain this class instead of the predicted one")
-    parser.add_argument("--method", choices=METHODS, default="gradcam", help="Grad-CAM or Grad-CAM++ (default: %(default)s)")
+    parser.add_argument("--method", choices=METHODS, default="gradcam",
+                        help="Grad-CAM or Grad-CAM++ (default: %(default)s)")
     parser.add_argument("--out", default=None,
                         help="picture to write (default: IMAGE_gradcam.png beside the first image, or "
                              "gradcam_misclassified.png / gradcam_correct.png)")
@@ -188,7 +190,8 @@ def build_parser():
     parser.add_argument("--correct", type=int, default=0, metavar="N",
                         help="instead of --image: a grid of N correctly classified CIFAR test images")
     parser.add_argument("--data-dir", default="./data", help="where train.py put the dataset (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --misclassified/--correct choice (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the --misclassified/--correct choice (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda if there, else cpu (default: %(default)s)")
     return parser

@@ -68,8 +68,10 @@ def build_parser():
                "--weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 --cutout 0 --precision fp32 "
                "--no-channels-last.")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10", help="dataset (default: %(default)s)")
-    data.add_argument("--data-dir", default="./data", help="folder holding (or receiving) the dataset (default: %(default)s)")
+    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10",
+                      help="dataset (default: %(default)s)")
+    data.add_argument("--data-dir", default="./data",
+                      help="folder holding (or receiving) the dataset (default: %(default)s)")
     data.add_argument("--no-download", dest="download", action="store_false",
                       help="fail instead of downloading a missing dataset")
     data.add_argument("--train-subset", type=int, default=0, metavar="N",
@@ -85,7 +87,8 @@ def build_parser():
                      help="reflect-pad by this many pixels, then random 32x32 crop (0: off) (default: %(default)s)")
     aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
     aug.add_argument("--cutout", type=int, default=16, metavar="PIXELS",
-                     help="side of the one square cutout hole, filled with the mean colour (0: off) (default: %(default)s)")
+                     help="side of the one square cutout hole, filled with the mean colour (0: off) "
+                          "(default: %(default)s)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=50, help="training epochs (default: %(default)s)")
@@ -98,21 +101,24 @@ def build_parser():
     opt.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: %(default)s)")
     opt.add_argument("--schedule", choices=("onecycle", "plateau"), default="onecycle",
                      help="onecycle: stepped every batch; plateau: ReduceLROnPlateau on the validation "
-                          "accuracy (with --val-split) or else the training loss, never the test set (default: %(default)s)")
+                          "accuracy (with --val-split) or else the training loss, never the test set "
+                          "(default: %(default)s)")
     opt.add_argument("--warmup", type=float, default=0.3, metavar="FRACTION",
                      help="onecycle: fraction of the steps spent warming up (default: %(default)s)")
     opt.add_argument("--plateau-patience", type=int, default=5, metavar="EPOCHS",
                      help="plateau: epochs without improvement before the lr is divided by 10 (default: %(default)s)")
 
     speed = parser.add_argument_group("device and speed")
-    speed.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: %(default)s)")
+    speed.add_argument("--device", default="auto",
+                       help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: %(default)s)")
     speed.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                        help="autocast precision; auto: bf16 where the device supports it, else fp16 "
                             "with a grad scaler on CUDA, else fp32 (default: %(default)s)")
     speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="keep the NCHW memory format")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation (default: %(default)s)")
+    speed.add_argument("--seed", type=int, default=0,
+                       help="seed of weights, data order and augmentation (default: %(default)s)")
     speed.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower); with it a resumed CPU run repeats an "
                             "uninterrupted one exactly")
