@@ -406,6 +406,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, 
     monkeypatch.setattr(train.Run, "save", save_then_raise_lr)
     code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
     assert code == 1 and "NaN or infinite at epoch 2, step" in err and len(error_lines(err)) == 1, err
+    assert "still holds epoch 1" in err
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())

@@ -765,6 +765,10 @@ class Run:
                 record, confusion = self.epoch(epoch, stop)
                 self.save(record, confusion)
                 print(epoch_line(record, args.epochs, self.val is not None), flush=True)
+        except Diverged as error:
+            done = len(self.history)
+            saved = f"{paths[LAST_NAME]} still holds epoch {done}" if done else "no epoch was saved"
+            raise Diverged(f"{error}; {saved}. Lower --lr (or check the data) and start again") from None
         except (Stopped, KeyboardInterrupt) as error:
             done = len(self.history)
             saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
@@ -907,8 +911,7 @@ def main(argv=None):
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except Diverged as error:
-        print(f"train.py: stopped: {error}; {LAST_NAME} still holds the last good epoch. "
-              f"Lower --lr (or check the data) and start again.", file=sys.stderr)
+        print(f"train.py: stopped: {error}", file=sys.stderr)
         return 1
     except Stopped as error:
         print(f"train.py: stopped {error}", file=sys.stderr)
