@@ -398,8 +398,7 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
         loss, logits = runner(images, labels)
         loss_sum += loss * len(labels)
         correct += (logits.argmax(1) == labels).sum()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
-                                     torch.full_like(first_bad_step, step + 1), first_bad_step)
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step + 1, first_bad_step)
         seen += len(labels)
         if bar_enabled and time.monotonic() - last_refresh > 0.5:
             check_finite(first_bad_step, epoch, len(loader))
