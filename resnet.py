@@ -86,6 +86,9 @@ def read_checkpoint(path, map_location="cpu"):
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
+    # torch.save writes a zip archive; anything else (random bytes, a truncated copy) is not a checkpoint.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file (not a zip archive)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -93,7 +96,7 @@ def read_checkpoint(path, map_location="cpu"):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} refused: it holds more than tensors and plain values "
                               f"and loading it could run code ({first_line[:120]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # damaged bytes fail in many ways (IndexError, KeyError, RuntimeError, ...)
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
                               f"({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:

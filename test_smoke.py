@@ -379,15 +379,22 @@ def test_missing_data_without_download(tmp_path, capsys):
 
 
 def test_resume_rejects_corrupt_foreign_and_mismatched_checkpoints(data_dir, trained_run, tmp_path, capsys):
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(os.urandom(1000))
+    # Random bytes fail torch.load in different ways (these seeds: UnpicklingError, IndexError,
+    # UnicodeDecodeError, KeyError); a truncated checkpoint is a broken zip archive.
+    damaged = []
+    for seed in (0, 17, 54, 62):
+        damaged.append(tmp_path / f"random-{seed}.pt")
+        damaged[-1].write_bytes(np.random.default_rng(seed).bytes(1000))
+    damaged.append(tmp_path / "truncated.pt")
+    damaged[-1].write_bytes((trained_run / "last.pt").read_bytes()[:100_000])
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     other_classes = tmp_path / "cifar100.pt"
     checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
     checkpoint["model_args"] = {"num_classes": 100}
     torch.save(checkpoint, other_classes)
-    for path, message in [(corrupt, "corrupt"), (foreign, "not a checkpoint written by train.py"),
+    for path, message in [*((path, "is corrupt") for path in damaged),
+                          (foreign, "not a checkpoint written by train.py"),
                           (other_classes, "is for 100 classes")]:
         code, err = run_main(train, ["--resume", str(path), "--data-dir", data_dir, "--device", "cpu",
                                      "--workers", "0", "--out-dir", str(tmp_path / "out")], capsys)
