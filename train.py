@@ -233,28 +233,44 @@ def cpu_model():
     return platform.processor() or "CPU"
 
 
-def glibc_mallopt():
-    """glibc's mallopt, or None where the C library is another (musl, macOS, Windows)."""
+# mallopt options from glibc's malloc.h, and the values glibc starts with.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+GLIBC_MALLOC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+
+def glibc():
+    """The C library through ctypes where it is glibc, else None (musl, macOS, Windows)."""
     if platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
 
 
-def keep_freed_memory_in_heap():
-    """On glibc, serve every allocation from the heap and keep what is freed there; True if it took effect.
+@contextlib.contextmanager
+def freed_memory_kept_in_heap(wanted):
+    """Inside the block, on glibc, every allocation comes from the heap and freed memory stays there;
+    yields whether that took effect.
 
     A training step on the CPU frees and re-allocates activations of up to 64 MiB each. glibc serves
     blocks that large with fresh mmap pages, which the kernel faults in and zeroes on every step: 4.7
     million page faults per two steps at batch 512, measured on a 2-core EPYC; from the heap, 0.6 million
     (the heap's first growth). `--benchmark` measures the step both ways. PyTorch's CPU tuning guide gets
-    the same from jemalloc or tcmalloc through LD_PRELOAD; this needs no extra library.
+    the same from jemalloc or tcmalloc through LD_PRELOAD; this needs no extra library. On leaving,
+    glibc's default values return and the kept memory goes back to the kernel: main() may run inside a
+    notebook or a test.
     """
-    mallopt = glibc_mallopt()
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return mallopt is not None and bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    libc = glibc() if wanted else None
+    applied = (libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
+               and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)))
+    try:
+        yield applied
+    finally:
+        if libc is not None:
+            for option, value in GLIBC_MALLOC_DEFAULTS.items():
+                libc.mallopt(option, value)
+            libc.malloc_trim(0)
 
 
 def default_workers():
@@ -714,9 +730,10 @@ def train(args):
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
     try:
-        with RunLock(args.out_dir), StopFlag() as stop:
+        heap = freed_memory_kept_in_heap(device.type == "cpu")
+        with RunLock(args.out_dir), StopFlag() as stop, heap as heap_reuse:
             remove_stale_temp_files(args.out_dir)
-            Run(args, checkpoint, device, precision).run(stop)
+            Run(args, checkpoint, device, precision, heap_reuse).run(stop)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)  # main() may run inside a notebook or test
     return 0
@@ -725,9 +742,8 @@ def train(args):
 class Run:
     """The state of one training run and its two jobs: run an epoch, save what it produced."""
 
-    def __init__(self, args, checkpoint, device, precision):
+    def __init__(self, args, checkpoint, device, precision, heap_reuse):
         setup_determinism(args, device)
-        heap_reuse = device.type == "cpu" and keep_freed_memory_in_heap()
         data = augment.load_dataset(args.dataset, args.data_dir, download=args.download)
         (train_images, train_labels), val = split_data(data, args)
         self.num_classes = len(data.classes)
@@ -896,15 +912,15 @@ def benchmark(args):
     # The pipeline is cheap to measure, so it gets 10x the batches: less noise.
     pipeline = measure_pipeline(args, device, workers, 10 * steps)
     pipeline_float = measure_pipeline(args, device, workers, 10 * steps, normalize_in_workers=True)
-    # The step with glibc's default allocator first: keep_freed_memory_in_heap cannot be undone.
-    tune_heap = device.type == "cpu" and glibc_mallopt() is not None
+    # The step with glibc's default allocator too, as the baseline of heap reuse.
+    tune_heap = device.type == "cpu" and glibc() is not None
     step_default_heap = measure_step(args, precision, device, steps) if tune_heap else None
-    heap_reuse = tune_heap and keep_freed_memory_in_heap()
-    step = measure_step(args, precision, device, steps)
-    full = measure_full_loop(args, precision, device, workers, steps)
-    with warnings.catch_warnings():  # 4 workers on a 2-core machine draw a warning: the seed used 4
-        warnings.filterwarnings("ignore", message="This DataLoader will create")
-        seed = measure_full_loop(seed_args, "fp32", device, SEED_SETTINGS["workers"], steps)
+    with freed_memory_kept_in_heap(tune_heap) as heap_reuse:
+        step = measure_step(args, precision, device, steps)
+        full = measure_full_loop(args, precision, device, workers, steps)
+        with warnings.catch_warnings():  # 4 workers on a 2-core machine draw a warning: the seed used 4
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            seed = measure_full_loop(seed_args, "fp32", device, SEED_SETTINGS["workers"], steps)
     memory, memory_kind = peak_memory_mb(device)
     result = {"device": device_name(device), "precision": precision, "batch_size": args.batch_size,
               "channels_last": args.channels_last, "compile": args.compile, "workers": workers, "steps": steps,
