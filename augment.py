@@ -225,16 +225,24 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     Indexed by an int it uses the transform's running stream. Fetched in batches from a
     SeededBatchSampler (DataLoader calls __getitems__ with its `(seed, indices)`), it re-seeds first.
+
+    shared=True keeps the arrays in shared memory, for workers that start by spawn or forkserver: each
+    would otherwise unpickle a copy of its own (150 MB of CIFAR per worker); a shared tensor travels to
+    them as a handle to the same memory.
     """
 
-    def __init__(self, images, labels, transform):
+    def __init__(self, images, labels, transform, shared=False):
+        if shared:
+            images, labels = (torch.from_numpy(np.ascontiguousarray(a)).share_memory_() for a in (images, labels))
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        return self.transform(image=self.images[index])["image"], int(self.labels[index])
+        image = self.images[index]
+        image = image.numpy() if isinstance(image, torch.Tensor) else image
+        return self.transform(image=image)["image"], int(self.labels[index])
 
     def __getitems__(self, seeded_batch):
         batch_seed, indices = seeded_batch

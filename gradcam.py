@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import devices
 from resnet import CheckpointError, model_from_checkpoint, read_checkpoint
 
 METHODS = ("gradcam", "gradcam++")
@@ -192,8 +193,8 @@ def build_parser():
     parser.add_argument("--data-dir", default="./data", help="where train.py put the dataset (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the --misclassified/--correct choice (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: cuda if there, else cpu (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                        help="auto: cuda, then mps, then cpu (default: %(default)s)")
     return parser
 
 
@@ -203,8 +204,6 @@ def check_args(args):
         raise UsageError("--misclassified and --correct take a positive count")
     if bool(args.image) + grids != 1:
         raise UsageError("give either --image FILE..., --misclassified N or --correct N")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
 
 
 def load_model(path, device):
@@ -382,7 +381,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        device = devices.pick_device(args.device)
         model, checkpoint = load_model(args.checkpoint, device)
         find_modules(model, args.layer)  # fail on a bad layer before any work
         parse_class(args.target, checkpoint["classes"])
@@ -393,7 +392,7 @@ def main(argv=None):
         if args.save_npy:
             save_maps(args.save_npy, maps)
             print(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
-    except (UsageError, CheckpointError) as error:
+    except (UsageError, CheckpointError, devices.DeviceError) as error:
         print(f"gradcam.py: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ import json
 import pickle
 import platform
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -66,10 +67,21 @@ def data_dir(tmp_path_factory):
     return write_cifar_folder(str(tmp_path_factory.mktemp("data")))
 
 
+@pytest.fixture(scope="session")
+def fp16_data_dir(tmp_path_factory):
+    """fp16 on a CPU runs reference kernels (0.4 s per image, forward and backward): 8 test images."""
+    return write_cifar_folder(str(tmp_path_factory.mktemp("data_fp16")), test_count=8)
+
+
 def tiny_args(data_dir, out_dir, *extra):
     """A run that takes a second or two on a CPU."""
     return ["--data-dir", data_dir, "--out-dir", str(out_dir), "--device", "cpu", "--epochs", "2",
             "--batch-size", "32", "--train-subset", "64", "--workers", "0", *extra]
+
+
+def fp16_args(data_dir, out_dir, *extra):
+    """tiny_args for fp16: 2 steps of 4 images an epoch."""
+    return tiny_args(data_dir, out_dir, "--precision", "fp16", "--batch-size", "4", "--train-subset", "8", *extra)
 
 
 def error_lines(err):
@@ -288,10 +300,13 @@ def test_training_learns_a_learnable_task(data_dir, tmp_path, capsys):
     assert log["epochs"][-1]["train_loss"] < log["epochs"][0]["train_loss"]
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["auto", "fp16"])  # fp16: the grad scaler's state travels too
+def test_resume_continues_and_matches_an_uninterrupted_run(request, tmp_path, monkeypatch, capsys, precision):
+    data_dir = request.getfixturevalue("fp16_data_dir" if precision == "fp16" else "data_dir")
+    args = fp16_args if precision == "fp16" else tiny_args
     argv = ["--epochs", "3", "--deterministic"]
     straight = tmp_path / "straight"
-    assert train.main(tiny_args(data_dir, straight, *argv)) == 0
+    assert train.main(args(data_dir, straight, *argv)) == 0
 
     # Interrupt the second run as Ctrl-C would, right after epoch 2 is saved.
     interrupted = tmp_path / "interrupted"
@@ -303,13 +318,13 @@ def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path, m
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train.Run, "save", save_then_interrupt)
-    code, err = run_main(train, tiny_args(data_dir, interrupted, *argv), capsys)
+    code, err = run_main(train, args(data_dir, interrupted, *argv), capsys)
     assert code == 130 and "--resume" in err
     assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 2
     monkeypatch.undo()
 
     code, err = run_main(train, ["--resume", str(interrupted / "last.pt"), "--device", "cpu", "--workers", "0",
-                                 "--data-dir", data_dir, "--epochs", "9"], capsys)
+                                 "--data-dir", data_dir, "--epochs", "9", "--precision", precision], capsys)
     assert code == 0 and "ignoring --epochs 9: --resume continues the recipe" in err
     resumed_log = json.loads((interrupted / "log.json").read_text())
     straight_log = json.loads((straight / "log.json").read_text())
@@ -317,12 +332,15 @@ def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path, m
     for a, b in zip(resumed_log["epochs"], straight_log["epochs"]):
         for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
             assert a[key] == b[key], (key, a, b)
-    resumed = torch.load(interrupted / "last.pt", weights_only=True)["model"]
-    uninterrupted = torch.load(straight / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    resumed = torch.load(interrupted / "last.pt", weights_only=True)
+    uninterrupted = torch.load(straight / "last.pt", weights_only=True)
+    assert all(torch.equal(resumed["model"][k], uninterrupted["model"][k]) for k in resumed["model"])
+    # fp16: scale and count of good steps since the last overflow (a fresh scaler would count from 0)
+    assert resumed["scaler"] == uninterrupted["scaler"]
 
 
 def test_compiled_run_saves_plain_checkpoints_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
+    from torch._dynamo.utils import counters
     save = train.Run.save
 
     def save_then_interrupt(self, record, confusion):
@@ -330,10 +348,17 @@ def test_compiled_run_saves_plain_checkpoints_and_resumes(data_dir, tmp_path, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train.Run, "save", save_then_interrupt)
+    torch._dynamo.reset()
+    counters.clear()
+    # 40 test images at batch 32: a ragged last batch of 8, which would be a third graph.
     assert run_main(train, tiny_args(data_dir, tmp_path, "--compile"), capsys)[0] == 130
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # training and evaluation
     monkeypatch.undo()
+    torch._dynamo.reset()
+    counters.clear()
     assert train.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0",
                        "--data-dir", data_dir, "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["args"]["compile"]
     assert list(checkpoint["model"]) == list(resnet.resnet18().state_dict())  # no '_orig_mod.' prefixes
@@ -403,7 +428,10 @@ def test_resume_rejects_corrupt_foreign_and_mismatched_checkpoints(data_dir, tra
         assert code == 2 and message in err and len(error_lines(err)) == 1, err
 
 
-def test_diverging_run_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["auto", "fp16"])  # fp16: a grad scaler must not hide a NaN loss
+def test_diverging_run_stops_and_keeps_last_good_checkpoint(request, tmp_path, monkeypatch, capsys, precision):
+    data_dir = request.getfixturevalue("fp16_data_dir" if precision == "fp16" else "data_dir")
+    args = fp16_args if precision == "fp16" else tiny_args
     save = train.Run.save
 
     def save_then_raise_lr(self, record, confusion):  # epoch 1 trains well, then the lr explodes
@@ -413,13 +441,246 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, 
         self.runner.per_step_schedule = False
 
     monkeypatch.setattr(train.Run, "save", save_then_raise_lr)
-    code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
+    code, err = run_main(train, args(data_dir, tmp_path), capsys)
     assert code == 1 and "NaN or infinite at epoch 2, step" in err and len(error_lines(err)) == 1, err
     assert "still holds epoch 1" in err
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
+
+
+# ----------------------------------------------------------------------------- GPUs and Macs, decided on a CPU
+# Every device-dependent choice is a function of plain facts: these tests feed it the facts of machines
+# that the test machine is not (a T4, an H100, a Mac, a Docker container with 64 MB of /dev/shm).
+
+import devices  # noqa: E402
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),   # P100, V100, T4 / RTX 20xx: no bf16 kernels
+    ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16"),   # A100, RTX 30xx, H100
+])
+def test_auto_precision_follows_the_gpus_compute_capability(capability, expected):
+    assert devices.choose_precision("auto", devices.Facts("cuda", capability)) == expected
+    assert devices.choose_precision("fp32", devices.Facts("cuda", capability)) == "fp32"
+    slow_bf16 = devices.precision_warning("bf16", devices.Facts("cuda", capability))
+    assert (slow_bf16 is not None) == (expected == "fp16")
+
+
+def test_auto_precision_on_cpus_and_macs():
+    assert devices.choose_precision("auto", devices.Facts("cpu", cpu_bf16=True)) == "bf16"
+    assert devices.choose_precision("auto", devices.Facts("cpu", cpu_bf16=False)) == "fp32"
+    assert devices.choose_precision("auto", devices.Facts("mps", platform="darwin")) == "fp32"
+    assert "slow" in devices.precision_warning("fp16", devices.Facts("cpu"))
+
+
+def test_a_t4_gets_fp16_although_torch_calls_bf16_supported(monkeypatch, capsys):
+    # torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation); the capability decides.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    args = train.build_parser().parse_args(["--device", "cuda"])
+    assert train.resolve_device(args) == (torch.device("cuda"), "fp16")
+    train.resolve_device(train.build_parser().parse_args(["--device", "cuda", "--precision", "bf16"]))
+    assert "slow fallback kernels" in capsys.readouterr().err
+
+
+class OneGpu:
+    """torch.cuda's RNG calls on a machine with one GPU, recording what is set."""
+
+    def __init__(self, index=0):
+        self.index, self.set = index, []
+
+    def current_device(self):
+        return self.index
+
+    def get_rng_state(self, device="cuda"):
+        return torch.full((16,), 7, dtype=torch.uint8)
+
+    def set_rng_state(self, state, device="cuda"):
+        self.set.append(state)
+
+
+def test_resume_on_fewer_gpus_than_saved(monkeypatch):
+    gpu = OneGpu()
+    saved = devices.rng_state("cuda", gpu)
+    assert isinstance(saved["cuda"], torch.Tensor)  # one state, not one per GPU of the machine
+    devices.restore_rng_state(saved, "cuda", gpu)
+    assert torch.equal(gpu.set[-1], saved["cuda"])
+    # A checkpoint of the older format, written on 2 GPUs, resumed with CUDA_VISIBLE_DEVICES=1: one GPU.
+    two_gpus = {"torch": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8),
+                                                         torch.ones(16, dtype=torch.uint8)]}
+    devices.restore_rng_state(two_gpus, "cuda", gpu)
+    assert torch.equal(gpu.set[-1], two_gpus["cuda"][0])
+    far_gpu = OneGpu(index=3)  # a GPU index the saving machine did not have: nothing to restore, no IndexError
+    devices.restore_rng_state(two_gpus, "cuda", far_gpu)
+    assert far_gpu.set == []
+    devices.restore_rng_state(saved, "cpu", gpu)  # a CUDA run resumed on a CPU
+    assert len(gpu.set) == 2
+
+
+def tensors_in(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from tensors_in(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from tensors_in(value)
+
+
+def test_checkpoint_of_a_gpu_run_holds_cpu_tensors(monkeypatch):
+    # FakeTensorMode makes tensors that are on "cuda" as far as every torch call can tell, without a GPU.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)] * 2)
+    args = train.build_parser().parse_args([])
+    data = augment.ImageData(None, None, None, None, CLASSES, augment.CIFAR10_MEAN, augment.CIFAR10_STD, True)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        model = resnet.resnet18()
+        runner = train.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
+                                  augment.CIFAR10_STD, steps_per_epoch=10)
+        for parameter in model.parameters():  # what SGD's first step creates
+            runner.optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+        assert next(model.parameters()).device.type == "cuda"
+        checkpoint = train.build_checkpoint(runner, args, data, 1, [], None)
+    tensors = list(tensors_in(checkpoint))
+    assert len(tensors) > 2 * len(list(model.parameters())) and {t.device.type for t in tensors} == {"cpu"}
+
+
+def interrupt_after_epoch(monkeypatch, epoch):
+    save = train.Run.save
+
+    def save_then_interrupt(self, record, confusion):
+        save(self, record, confusion)
+        if record["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Run, "save", save_then_interrupt)
+
+
+def test_precision_is_the_machines_on_resume(fp16_data_dir, tmp_path, monkeypatch, capsys):
+    # An A100's bf16 run goes on in fp16 on a T4, then in fp32 on a CPU: precision is not the recipe.
+    resume = ["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0", "--data-dir",
+              fp16_data_dir]
+    interrupt_after_epoch(monkeypatch, 1)
+    code, err = run_main(train, fp16_args(fp16_data_dir, tmp_path, "--epochs", "3", "--precision", "bf16"), capsys)
+    assert code == 130, err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["scaler"] == {}  # bf16 needs no scaler
+    interrupt_after_epoch(monkeypatch, 2)
+    code, err = run_main(train, [*resume, "--precision", "fp16"], capsys)
+    assert code == 130 and "ignoring" not in err, err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]["scale"] > 0  # a fresh scaler ran
+    monkeypatch.undo()
+    code, err = run_main(train, [*resume, "--precision", "fp32"], capsys)
+    assert code == 0 and "ignoring" not in err, err
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and log["environment"]["precision"] == "fp32"
+
+
+def test_fp16_overflowing_steps_are_skipped_not_fatal(fp16_data_dir, tmp_path, monkeypatch, capsys):
+    # A loss scale of 2**40 makes every early fp16 gradient overflow: the scaler skips those steps and
+    # halves the scale. That is no divergence, and the schedule goes on without warning.
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scaler(device, 2.0**40, enabled=enabled))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = run_main(train, fp16_args(fp16_data_dir, tmp_path), capsys)
+    assert code == 0, err
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["scaler"]["scale"] == 2.0**40 / 2**4  # 2 epochs x 2 steps, each skipped
+    assert checkpoint["scheduler"]["last_epoch"] == 4  # the schedule counted the skipped steps
+
+
+def test_gpu_clocks_and_copies_by_device():
+    # A GPU queues work: its clock is read after a synchronize. MPS needs its own.
+    assert devices.synchronizer("cuda") is torch.cuda.synchronize
+    assert devices.synchronizer("mps") is torch.mps.synchronize
+    devices.synchronizer("cpu")()
+    # Non-blocking copies only from pinned memory, and only CUDA gets pinned batches.
+    assert [devices.pin_memory(kind) for kind in ("cuda", "mps", "cpu")] == [True, False, False]
+    assert devices.copy_non_blocking(True) and not devices.copy_non_blocking(False)
+    images, labels = coloured_images(64, 0)
+    args = train.build_parser().parse_args(["--batch-size", "32"])
+    loader, _ = train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("mps"), 0)
+    assert not loader.pin_memory
+
+
+def test_peak_memory_units_by_platform():
+    assert devices.peak_resident_mib(2048, "linux") == 2  # KiB on Linux
+    assert devices.peak_resident_mib(2 * 2**20, "darwin") == 2  # bytes on macOS
+
+
+def test_gradcam_accepts_mps_and_says_when_absent(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    code, err = run_main(gradcam, ["--image", save_test_images(tmp_path)[0], "--device", "mps"], capsys)
+    assert code == 2 and "this machine has no MPS" in err and len(err.strip().splitlines()) == 1, err
+
+
+def process_settings():
+    return {name: read() for name, (read, _) in devices.SETTINGS.items()}
+
+
+def test_backend_settings_by_device():
+    cuda = devices.backend_settings("cuda", deterministic=False)
+    assert cuda["cudnn_benchmark"] and cuda["matmul_tf32"] and cuda["cudnn_tf32"]
+    assert not cuda["deterministic_algorithms"]
+    exact = devices.backend_settings("cuda", deterministic=True)
+    assert not exact["cudnn_benchmark"] and exact["cublas_workspace_config"] == ":4096:8"
+    assert "cudnn_benchmark" not in devices.backend_settings("cpu", deterministic=False)
+
+
+def test_training_leaves_process_settings_as_found(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as a notebook might have set it
+    before = process_settings()
+    with devices.applied(devices.backend_settings("cuda", deterministic=True)):
+        assert process_settings() != before
+    assert process_settings() == before
+    assert train.main(tiny_args(data_dir, tmp_path, "--deterministic", "--epochs", "1")) == 0
+    assert process_settings() == before
+
+
+@pytest.mark.parametrize("free_mb, workers, expected", [
+    (8000, 16, 4),    # a normal machine
+    (64, 16, 1),      # Docker's default --shm-size: 16 workers with 1 batch each fit in half of it
+    (64, 4, 4),
+    (None, 16, 4),    # no /dev/shm to count (macOS, Windows)
+])
+def test_prefetch_fits_shared_memory(free_mb, workers, expected):
+    batch_bytes = 512 * (3072 + 8)  # a uint8 batch of 512 and its int64 labels
+    free = None if free_mb is None else free_mb * 10**6
+    assert devices.fit_prefetch(free, workers, batch_bytes) == expected
+
+
+def test_too_little_shared_memory_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    with pytest.raises(devices.DeviceError):
+        devices.fit_prefetch(200 * 10**6, 4, 10**6, dataset_bytes=150 * 10**6)  # spawn: the dataset counts
+    monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 100_000)
+    code, err = run_main(train, tiny_args(data_dir, tmp_path, "--workers", "1"), capsys)
+    assert code == 2 and "--shm-size" in err and "--workers" in err and len(error_lines(err)) == 1, err
+
+
+def test_spawned_workers_share_the_dataset_and_draw_the_same_batches():
+    # macOS starts workers by spawn, Linux from Python 3.14 by forkserver: each worker unpickles the
+    # dataset, which must then be a handle to shared memory rather than a copy.
+    assert devices.dataset_in_shared_memory("spawn") and devices.dataset_in_shared_memory("forkserver")
+    assert not devices.dataset_in_shared_memory("fork")
+    images, labels = coloured_images(96, 0)
+    args = train.build_parser().parse_args(["--batch-size", "32"])
+    batches = {}
+    for workers, method in ((0, None), (2, "spawn")):
+        loader, sampler = train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"),
+                                                  workers, start_method=method)
+        sampler.set_epoch(1)
+        batches[method] = [(x, y) for x, y in loader]
+        if method == "spawn":
+            assert loader.dataset.images.is_shared() and loader.dataset.labels.is_shared()
+    assert len(batches["spawn"]) == 3
+    for (x0, y0), (x1, y1) in zip(batches[None], batches["spawn"]):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
@@ -814,9 +1075,12 @@ def test_heap_reuse_holds_inside_the_run_only():
 
 
 def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
+    # --epochs 1: the benchmark runs two epochs of its own, whatever the run's length would be.
     argv = ["--benchmark", "--device", "cpu", "--batch-size", "8", "--benchmark-steps", "2", "--workers", "1",
-            "--out-dir", str(tmp_path)]
+            "--epochs", "1", "--deterministic", "--out-dir", str(tmp_path)]
+    before = process_settings()
     assert train.main(argv) == 0
+    assert process_settings() == before
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "benchmark.json").read_text())
     for key in ("pipeline_images_per_s", "pipeline_normalized_in_workers_images_per_s", "step_images_per_s",

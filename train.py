@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -28,14 +29,16 @@ import torch
 import torch.nn as nn
 
 import augment
+import devices
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint, resnet18
 
 LOG_NAME, LAST_NAME, BEST_NAME, LOCK_NAME = "log.json", "last.pt", "best.pt", ".train.lock"
 LOG_FORMAT = "resnet18-cifar-log/1"
 # Flags that describe the machine and files rather than the recipe: --resume takes them from the
 # command line; every other flag comes from the checkpoint, so the schedule continues unchanged.
-RUNTIME_FLAGS = ("device", "workers", "data_dir", "out_dir", "download", "compile", "resume",
-                 "benchmark", "benchmark_steps")
+# Precision and memory layout belong to the machine: an A100's bf16 run may go on in fp16 on a T4.
+RUNTIME_FLAGS = ("device", "precision", "channels_last", "workers", "data_dir", "out_dir", "download", "compile",
+                 "resume", "benchmark", "benchmark_steps")
 
 
 class UsageError(Exception):
@@ -112,9 +115,9 @@ def build_parser():
     speed = parser.add_argument_group("device and speed")
     speed.add_argument("--device", default="auto",
                        help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: %(default)s)")
-    speed.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                       help="autocast precision; auto: bf16 where the device supports it, else fp16 "
-                            "with a grad scaler on CUDA, else fp32 (default: %(default)s)")
+    speed.add_argument("--precision", choices=devices.PRECISIONS, default="auto",
+                       help=f"autocast precision; {devices.PRECISION_HELP}. fp16 runs on a CPU too, slowly "
+                            "(default: %(default)s)")
     speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="keep the NCHW memory format")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -172,65 +175,12 @@ def derived_lr(args):
 
 # ----------------------------------------------------------------------------- device and precision
 
-def pick_device(name):
-    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name not in ("cuda", "mps", "cpu"):
-        raise UsageError(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu "
-                         "(or install a CUDA build of torch)")
-    if name == "mps" and not mps:
-        raise UsageError("--device mps asked for, but this machine has no MPS; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_supports_bf16():
-    """oneDNN has fast bf16 kernels here (AVX512-BF16 or AMX); elsewhere bf16 on a CPU is slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_precision(name, device):
-    """Resolve --precision auto for this device: 'bf16', 'fp16' or 'fp32'."""
-    if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            raise UsageError("--precision fp16 is for GPUs; use bf16 or fp32 on a CPU")
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return "fp32"
-
-
 def autocast(device, precision):
     """The autocast context for a precision, or a no-op for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    return device.type
-
-
-def cpu_model():
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "CPU"
 
 
 # mallopt options from glibc's malloc.h, and the values glibc starts with.
@@ -279,17 +229,20 @@ def default_workers():
     return min(16, cores)
 
 
-def setup_determinism(args, device):
-    torch.manual_seed(args.seed)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def resolve_device(args):
+    """The device and the precision it runs: --precision auto becomes bf16, fp16 or fp32 (devices.py)."""
+    device = devices.pick_device(args.device)
+    facts = devices.read_facts(device)
+    precision = devices.choose_precision(args.precision, facts)
+    warning = devices.precision_warning(precision, facts)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return device, precision
+
+
+def process_settings(args, device):
+    """cuDNN autotuning, TF32, deterministic algorithms for this run, put back as they were afterwards."""
+    return devices.applied(devices.backend_settings(device.type, args.deterministic))
 
 
 # ----------------------------------------------------------------------------- data
@@ -315,14 +268,28 @@ def ignore_stop_signals_in_worker(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None):
+def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None, start_method=None):
+    """The augmenting DataLoader and its sampler (call sampler.set_epoch before each epoch).
+
+    start_method: how workers start (default: the platform's; see devices.worker_start_method).
+    """
+    start_method = start_method or devices.worker_start_method()
+    shared = workers > 0 and devices.dataset_in_shared_memory(start_method)
     dataset = augment.AugmentedImages(images, labels, augment.train_transform(
-        mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std))
+        mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),
+        shared=shared)
     sampler = augment.SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed)
+    batch_bytes = args.batch_size * (images[0].nbytes + labels[:1].nbytes)
+    prefetch = devices.fit_prefetch(devices.free_shared_memory(), workers, batch_bytes,
+                                    dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
+    if 0 < prefetch < 4 and workers:
+        print(f"note: /dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4",
+              file=sys.stderr)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None)
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=devices.pin_memory(device.type),
+        persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
+        multiprocessing_context=start_method if workers > 0 else None)
     return loader, sampler
 
 
@@ -356,7 +323,8 @@ class StepRunner:
         self.optimizer = make_optimizer(model, args)
         self.scheduler = make_scheduler(self.optimizer, args, steps_per_epoch)
         self.per_step_schedule = args.schedule == "onecycle"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=devices.uses_grad_scaler(precision))
+        self.compiled = args.compile
         self.forward = torch.compile(model) if args.compile else model
 
     def inputs(self, images):
@@ -373,8 +341,17 @@ class StepRunner:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.per_step_schedule:
-            self.scheduler.step()
+            self.step_schedule()
         return loss.detach(), logits.detach()
+
+    def step_schedule(self):
+        """The lr is a function of the step count, also for steps that the grad scaler skipped."""
+        if not self.scaler.is_enabled():
+            return self.scheduler.step()
+        # A skipped first step makes the scheduler warn that it ran before optimizer.step(): by design here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
 
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
@@ -425,6 +402,7 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
     """One pass over the loader. Running sums stay on the device; they are read only when the bar
     refreshes (about twice a second) and at the end, because .item() is a CPU-GPU sync point."""
     model, device = runner.model, runner.device
+    non_blocking = devices.copy_non_blocking(loader.pin_memory)
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -434,8 +412,8 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
     for step, (images, labels) in enumerate(bar):
         if stop.signal is not None:
             raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=non_blocking)
+        labels = labels.to(device, non_blocking=non_blocking)
         loss, logits = runner(images, labels)
         loss_sum += loss * len(labels)
         correct += (logits.argmax(1) == labels).sum()
@@ -446,8 +424,7 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
             last_refresh = time.monotonic()
     bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    devices.synchronizer(device.type)()  # queued GPU work belongs to this epoch's time
     seconds = time.perf_counter() - start
     check_finite(first_bad_step, epoch, len(loader))
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
@@ -467,6 +444,8 @@ def evaluate(runner, images, labels, num_classes, batch_size):
     `images` is a uint8 (N, 3, 32, 32) tensor; the loss is the training criterion, so curves compare.
     Batches of the training size need less memory than a training step. Batches of 1024 after training
     at 512 added 0.5 GiB on the CPU (where freed memory stays in the heap) and ran no faster there.
+    A compiled model gets the ragged last batch padded to full size: one more shape would mean one more
+    compilation (10,000 test images = 19 x 512 + 272).
     """
     model, device = runner.model, runner.device
     model.eval()
@@ -475,11 +454,12 @@ def evaluate(runner, images, labels, num_classes, batch_size):
     correct_tta = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     for start in range(0, len(images), batch_size):
-        x = runner.inputs(images[start:start + batch_size].to(device, non_blocking=True))
-        y = labels[start:start + batch_size].to(device, non_blocking=True)
+        y = labels[start:start + batch_size].to(device)
+        x = images[start:start + batch_size].to(device)
+        x = runner.inputs(padded(x, batch_size) if runner.compiled else x)
         with autocast(device, runner.precision):
-            logits = runner.forward(x).float()
-            logits_tta = logits + runner.forward(x.flip(3)).float()
+            logits = runner.forward(x)[:len(y)].float()
+            logits_tta = logits + runner.forward(x.flip(3))[:len(y)].float()
         loss_sum += runner.criterion(logits, y) * len(y)
         predicted = logits.argmax(1)
         correct += (predicted == y).sum()
@@ -488,6 +468,12 @@ def evaluate(runner, images, labels, num_classes, batch_size):
     n = len(images)
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "acc_tta": correct_tta.item() / n,
             "confusion": confusion.view(num_classes, num_classes).tolist()}
+
+
+def padded(batch, size):
+    """`batch` with copies of its first row appended up to `size` rows (samples are independent in eval mode)."""
+    missing = size - len(batch)
+    return batch if missing <= 0 else torch.cat([batch, batch[:1].expand(missing, *batch.shape[1:])])
 
 
 # ----------------------------------------------------------------------------- files
@@ -614,7 +600,7 @@ def environment(device, precision, workers, args, heap_reuse):
     import albumentations
     return {"python": platform.python_version(), "torch": torch.__version__,
             "albumentations": albumentations.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "device": device.type, "device_name": device_name(device),
+            "platform": platform.platform(), "device": device.type, "device_name": devices.device_name(device),
             "precision": precision, "channels_last": args.channels_last, "compile": args.compile,
             "workers": workers, "torch_threads": torch.get_num_threads(), "cpu_heap_reuse": heap_reuse}
 
@@ -661,16 +647,15 @@ def final_metrics(confusion, classes):
 
 
 def build_checkpoint(runner, args, data, epoch, history, best):
+    """Everything a resume or gradcam.py needs, as CPU tensors and plain values: it loads on any machine."""
     raw_model = runner.model  # never the compiled wrapper: no '_orig_mod.' prefixes
-    rng = {"torch": torch.get_rng_state()}
-    if runner.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+    state = devices.on_cpu({"model": raw_model.state_dict(), "optimizer": runner.optimizer.state_dict(),
+                            "scheduler": runner.scheduler.state_dict(), "scaler": runner.scaler.state_dict(),
+                            "rng": devices.rng_state(runner.device.type)})
+    return {"format": CHECKPOINT_FORMAT, **state,
             "model_args": {"num_classes": len(data.classes)}, "classes": list(data.classes),
             "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset,
-            "optimizer": runner.optimizer.state_dict(), "scheduler": runner.scheduler.state_dict(),
-            "scaler": runner.scaler.state_dict(), "rng": rng, "epoch": epoch, "args": dict(vars(args)),
-            "history": history, "best": best}
+            "epoch": epoch, "args": dict(vars(args)), "history": history, "best": best}
 
 
 def restore_checkpoint(runner, checkpoint):
@@ -678,10 +663,10 @@ def restore_checkpoint(runner, checkpoint):
         runner.model.load_state_dict(checkpoint["model"])
         runner.optimizer.load_state_dict(checkpoint["optimizer"])
         runner.scheduler.load_state_dict(checkpoint["scheduler"])
-        runner.scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if runner.device.type == "cuda" and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        # A bf16 or fp32 run saved no scaler state: an fp16 run resuming it starts a fresh scaler.
+        if checkpoint["scaler"] and runner.scaler.is_enabled():
+            runner.scaler.load_state_dict(checkpoint["scaler"])
+        devices.restore_rng_state(checkpoint["rng"], runner.device.type)
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint does not fit this model and recipe "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
@@ -723,19 +708,15 @@ def train(args):
     if args.resume:
         args, checkpoint = args_for_resume(args)
     check_args(args)
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
+    device, precision = resolve_device(args)
     args.out_dir = args.out_dir or "."
     prepare_out_dir(args.out_dir)
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
     # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
-    try:
-        heap = freed_memory_kept_in_heap(device.type == "cpu")
-        with RunLock(args.out_dir), StopFlag() as stop, heap as heap_reuse:
-            remove_stale_temp_files(args.out_dir)
-            Run(args, checkpoint, device, precision, heap_reuse).run(stop)
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)  # main() may run inside a notebook or test
+    # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
+    heap = freed_memory_kept_in_heap(device.type == "cpu")
+    with RunLock(args.out_dir), StopFlag() as stop, process_settings(args, device), heap as heap_reuse:
+        remove_stale_temp_files(args.out_dir)
+        Run(args, checkpoint, device, precision, heap_reuse).run(stop)
     return 0
 
 
@@ -743,7 +724,7 @@ class Run:
     """The state of one training run and its two jobs: run an epoch, save what it produced."""
 
     def __init__(self, args, checkpoint, device, precision, heap_reuse):
-        setup_determinism(args, device)
+        torch.manual_seed(args.seed)
         data = augment.load_dataset(args.dataset, args.data_dir, download=args.download)
         (train_images, train_labels), val = split_data(data, args)
         self.num_classes = len(data.classes)
@@ -837,13 +818,10 @@ def synthetic_images(count, seed=0):
     return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, count)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure_pipeline(args, device, workers, steps, normalize_in_workers=False):
-    """Augmentation + DataLoader + host-to-device copy alone, after one warm-up epoch (workers started).
+def measure_pipeline(args, device, workers, steps, epochs, normalize_in_workers=False):
+    """Augmentation + DataLoader + host-to-device copy alone: `epochs` passes over `steps` batches, timed
+    after one warm-up pass (workers started). Passes over one small set, rather than one pass over a large
+    one, keep the synthetic images (and each spawned worker's view of them) at `steps` batches.
 
     normalize_in_workers: float32 batches normalized by albumentations, instead of uint8 batches that
     the device normalizes: 4x the bytes through the worker queues and the copy.
@@ -851,12 +829,17 @@ def measure_pipeline(args, device, workers, steps, normalize_in_workers=False):
     images, labels = synthetic_images(args.batch_size * steps)
     loader, sampler = make_train_loader(images, labels, args, augment.CIFAR10_MEAN, device, workers,
                                         augment.CIFAR10_STD if normalize_in_workers else None)
-    for epoch in (0, 1):
+    non_blocking, synchronize = devices.copy_non_blocking(loader.pin_memory), devices.synchronizer(device.type)
+
+    def one_pass(epoch):
         sampler.set_epoch(epoch)
-        start, seen = time.perf_counter(), 0
-        for batch, _ in loader:
-            seen += len(batch.to(device, non_blocking=True))
-        synchronize(device)
+        return sum(len(batch.to(device, non_blocking=non_blocking)) for batch, _ in loader)
+
+    one_pass(0)  # warm-up
+    synchronize()
+    start = time.perf_counter()
+    seen = sum(one_pass(epoch) for epoch in range(1, epochs + 1))
+    synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -866,13 +849,14 @@ def measure_step(args, precision, device, steps):
                         augment.CIFAR10_STD, steps_per_epoch=10 * steps)
     images, labels = synthetic_images(args.batch_size)
     images, labels = augment.to_tensor(images).contiguous().to(device), torch.from_numpy(labels).to(device)
+    synchronize = devices.synchronizer(device.type)
     for _ in range(2):  # warm-up: kernel selection, compilation, the heap's growth
         runner(images, labels)
-    synchronize(device)
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         runner(images, labels)
-    synchronize(device)
+    synchronize()
     return steps * args.batch_size / (time.perf_counter() - start)
 
 
@@ -893,25 +877,36 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resident memory, main process"
+    return devices.peak_resident_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), "resident memory, main process"
 
 
 def benchmark(args):
     """Measure where the time goes, on synthetic data, and write benchmark.json."""
     check_args(args)
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
+    device, precision = resolve_device(args)
     workers = default_workers() if args.workers is None else args.workers
     out_dir = args.out_dir or "."
     prepare_out_dir(out_dir)
-    setup_determinism(args, device)
+    with process_settings(args, device):
+        result = measure_all(args, device, precision, workers)
+    print(benchmark_table(result))
+    path = os.path.join(out_dir, "benchmark.json")
+    write_json(path, result)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+def measure_all(args, device, precision, workers):
+    """Every row of the benchmark, in one process, so that the ratios compare like with like."""
+    torch.manual_seed(args.seed)
     steps = args.benchmark_steps or (3 if device.type == "cpu" else 100)
+    args = argparse.Namespace(**dict(vars(args), epochs=2))  # the schedule's length: the full loop runs 2 epochs
     seed_args = argparse.Namespace(**dict(vars(args), **SEED_SETTINGS))
-    print(f"benchmark on {device_name(device)}: batch {args.batch_size}, {precision}, "
+    print(f"benchmark on {devices.device_name(device)}: batch {args.batch_size}, {precision}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {workers} workers, {steps} timed steps each")
     # The pipeline is cheap to measure, so it gets 10x the batches: less noise.
-    pipeline = measure_pipeline(args, device, workers, 10 * steps)
-    pipeline_float = measure_pipeline(args, device, workers, 10 * steps, normalize_in_workers=True)
+    pipeline = measure_pipeline(args, device, workers, steps, epochs=10)
+    pipeline_float = measure_pipeline(args, device, workers, steps, epochs=10, normalize_in_workers=True)
     # The step with glibc's default allocator too, as the baseline of heap reuse.
     tune_heap = device.type == "cpu" and glibc() is not None
     step_default_heap = measure_step(args, precision, device, steps) if tune_heap else None
@@ -922,7 +917,7 @@ def benchmark(args):
             warnings.filterwarnings("ignore", message="This DataLoader will create")
             seed = measure_full_loop(seed_args, "fp32", device, SEED_SETTINGS["workers"], steps)
     memory, memory_kind = peak_memory_mb(device)
-    result = {"device": device_name(device), "precision": precision, "batch_size": args.batch_size,
+    return {"device": devices.device_name(device), "precision": precision, "batch_size": args.batch_size,
               "channels_last": args.channels_last, "compile": args.compile, "workers": workers, "steps": steps,
               "cpu_heap_reuse": heap_reuse,
               "pipeline_images_per_s": pipeline, "pipeline_normalized_in_workers_images_per_s": pipeline_float,
@@ -931,11 +926,6 @@ def benchmark(args):
               "efficiency": full / min(pipeline, step), "seed_settings_images_per_s": seed,
               "speedup_over_seed_settings": full / seed, "peak_memory_mb": memory, "peak_memory_kind": memory_kind,
               "torch": torch.__version__}
-    print(benchmark_table(result))
-    path = os.path.join(out_dir, "benchmark.json")
-    write_json(path, result)
-    print(f"wrote {path}", flush=True)
-    return 0
 
 
 def benchmark_table(r):
@@ -958,7 +948,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return benchmark(args) if args.benchmark else train(args)
-    except (UsageError, CheckpointError, augment.DatasetError) as error:
+    except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except Diverged as error:
