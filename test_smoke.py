@@ -911,6 +911,7 @@ def test_plot_curves_does_not_import_torch():
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1000,6 +1001,25 @@ def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, mo
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, monkeypatch):
+    # Every file write waits (inside the write) until epoch 2 has started training: a write on the
+    # training path would wait in vain. The kill and full-disk tests above show the guarantees hold.
+    second_epoch_started = threading.Event()
+    train_one_epoch = train.train_one_epoch
+
+    def note_the_start(runner, loader, epoch, *args, **kwargs):
+        if epoch == 2:
+            second_epoch_started.set()
+        return train_one_epoch(runner, loader, epoch, *args, **kwargs)
+
+    overlapped = []
+    monkeypatch.setattr(train, "train_one_epoch", note_the_start)
+    monkeypatch.setattr(train, "pause_for_tests", lambda: overlapped.append(second_epoch_started.wait(timeout=30)))
+    assert train.main(tiny_args(data_dir, tmp_path)) == 0
+    assert overlapped and all(overlapped), overlapped
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
 
 
 class CodeOnLoad:
