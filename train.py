@@ -133,7 +133,10 @@ def build_parser():
                      help=f"where {LOG_NAME}, {LAST_NAME} and {BEST_NAME} go (default: the current "
                           "folder, or the folder of --resume)")
     out.add_argument("--resume", metavar="PATH", default=None,
-                     help=f"continue the run saved in this {LAST_NAME}; the recipe comes from it")
+                     help=f"continue the run saved in this {LAST_NAME}; the recipe comes from it, while "
+                          "--device, --precision, --no-channels-last, --compile, --workers, --data-dir, "
+                          "--no-download and --out-dir come from the command line (a run may go on on "
+                          "another machine)")
     out.add_argument("--benchmark", action="store_true",
                      help="measure the input pipeline, the model step and the full loop on synthetic "
                           "data, print a table and write benchmark.json; trains nothing")
