@@ -102,10 +102,6 @@ def _md5(path):
     return digest.hexdigest()
 
 
-def _all_files(spec):
-    return spec.train_files + spec.test_files + (spec.meta_file,)
-
-
 def _download(spec, data_dir):
     """Fetch and extract the archive with torchvision (which checks its md5), or say what to do instead."""
     from torchvision.datasets.utils import download_and_extract_archive  # slow import: only when needed
@@ -119,21 +115,22 @@ def _download(spec, data_dir):
         raise DatasetError(f"could not download {spec.title} ({reason}); {manual}") from None
 
 
-def _read_pickle(path):
+def _read_pickle(path, spec):
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")  # CIFAR's pickles were written by Python 2
     except Exception as error:
-        raise DatasetError(f"{path} is not a CIFAR pickle ({type(error).__name__}); "
-                           f"delete the folder and let train.py download it again") from None
+        raise DatasetError(f"{path} is damaged or truncated (it does not unpickle: {type(error).__name__}); "
+                           f"replace that one file from {spec.archive}, or delete {os.path.dirname(path)}/ "
+                           f"and let train.py download it again") from None
 
 
-def _read_batches(folder, files):
+def _read_batches(folder, files, spec):
     """Concatenate CIFAR batch files into uint8 (N, 32, 32, 3) images and int64 labels."""
     images, labels = [], []
     for name, _ in files:
         path = os.path.join(folder, name)
-        entry = _read_pickle(path)
+        entry = _read_pickle(path, spec)
         try:
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             batch_labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
@@ -146,30 +143,35 @@ def _read_batches(folder, files):
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
-def load_dataset(name, data_dir, download=True):
+def load_dataset(name, data_dir, download=True, test_only=False):
     """Load CIFAR-10 or CIFAR-100 from `data_dir`, downloading it first if it is missing and allowed.
 
     A folder whose files differ from the official ones (a re-encoded copy, a development split) still
-    loads, with a one-line warning, so that numbers from it are never mistaken for official ones.
+    loads, with a one-line warning, so that numbers from it are never mistaken for official ones; the
+    result's `official` says which. test_only: read (and check) only the test batch and the class names;
+    the training arrays come back empty.
     """
     spec = DATASETS[name]
     folder = os.path.join(data_dir, spec.folder)
-    missing = [n for n, _ in _all_files(spec) if not os.path.isfile(os.path.join(folder, n))]
+    train_files = () if test_only else spec.train_files
+    needed = train_files + spec.test_files + (spec.meta_file,)
+    missing = [n for n, _ in needed if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         if not download:
             raise DatasetError(f"{spec.title} not found: {folder}/ lacks {', '.join(missing)}; download "
-                               f"{spec.url} and extract it into {data_dir}/ (or allow the download)")
+                               f"{spec.url} and extract it into {data_dir}/")
         _download(spec, data_dir)
-    mismatched = [n for n, md5 in _all_files(spec) if _md5(os.path.join(folder, n)) != md5]
+    mismatched = [n for n, md5 in needed if _md5(os.path.join(folder, n)) != md5]
     if mismatched:
         _warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
               f"checksums); loading it anyway, so its accuracies are not official test accuracies")
-    train_images, train_labels = _read_batches(folder, spec.train_files)
-    test_images, test_labels = _read_batches(folder, spec.test_files)
-    meta = _read_pickle(os.path.join(folder, spec.meta_file[0]))
+    train_images, train_labels = (_read_batches(folder, train_files, spec) if train_files else
+                                  (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)))
+    test_images, test_labels = _read_batches(folder, spec.test_files, spec)
+    meta = _read_pickle(os.path.join(folder, spec.meta_file[0]), spec)
     classes = list(meta.get(spec.class_names_key, [])) if isinstance(meta, dict) else []
-    if not classes or max(train_labels.max(), test_labels.max()) >= len(classes) or min(
-            train_labels.min(), test_labels.min()) < 0:
+    labels = np.concatenate([train_labels, test_labels])
+    if not classes or labels.max() >= len(classes) or labels.min() < 0:
         raise DatasetError(f"{folder}/ has labels outside its {len(classes)} class names")
     return ImageData(train_images, train_labels, test_images, test_labels, classes,
                      spec.mean, spec.std, official=not mismatched)
@@ -276,6 +278,17 @@ class SeededBatchSampler:
         for batch in range(len(self)):
             indices = order[batch * self.batch_size:(batch + 1) * self.batch_size].tolist()
             yield [self.seed, self.epoch, batch], indices
+
+
+def balanced_subset(labels, count, seed=0):
+    """Sorted indices of `count` samples spread as evenly over the classes as the labels allow; the same
+    labels give the same subset (a fixed seed), so every epoch evaluates the same images."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)  # the sample's place among its class, in shuffled order
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        rank[members] = np.arange(len(members))
+    return np.sort(np.lexsort((labels, rank))[:count])
 
 
 def to_tensor(images):

@@ -30,16 +30,19 @@ import torch
 import torch.nn as nn
 
 import augment
+import cli
 import devices
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint, resnet18
 
 LOG_NAME, LAST_NAME, BEST_NAME, LOCK_NAME = "log.json", "last.pt", "best.pt", ".train.lock"
 LOG_FORMAT = "resnet18-cifar-log/1"
-# Flags that describe the machine and files rather than the recipe: --resume takes them from the
-# command line; every other flag comes from the checkpoint, so the schedule continues unchanged.
-# Precision and memory layout belong to the machine: an A100's bf16 run may go on in fp16 on a T4.
-RUNTIME_FLAGS = ("device", "precision", "channels_last", "workers", "data_dir", "out_dir", "download", "compile",
-                 "resume", "benchmark", "benchmark_steps")
+# Flags that describe the machine rather than the recipe: --resume takes them from the command line (or
+# their defaults, resolved for this machine); an A100's bf16 run may go on in fp16 on a T4.
+MACHINE_FLAGS = ("device", "precision", "channels_last", "compile", "workers", "resume", "out_dir", "overwrite",
+                 "benchmark", "benchmark_steps")
+# Where the data are: kept from the checkpoint unless given, so that a resume finds the run's data.
+PLACE_FLAGS = ("data_dir", "download")
+RUNTIME_FLAGS = MACHINE_FLAGS + PLACE_FLAGS
 
 
 class UsageError(Exception):
@@ -60,18 +63,39 @@ class WriteFailed(Exception):
 
 # ----------------------------------------------------------------------------- command line
 
+EPILOG = """\
+examples:
+  python train.py --epochs 50                              the default recipe, on a GPU
+  python train.py --device cpu --train-subset 5000 --test-subset 1000 --epochs 8 --batch-size 128
+                                                           a quick run on a CPU
+  python train.py --resume last.pt                         continue a stopped run
+  python train.py --benchmark                              where the time goes (no download)
+
+files: log.json, last.pt and best.pt go into --out-dir (default: the current folder). A folder that
+  holds another run's files is refused: continue that run with --resume, choose another --out-dir,
+  or give --overwrite to replace it.
+
+resume: --resume takes the recipe and the epoch count from the checkpoint (a recipe flag given
+  beside it is ignored, with a warning). --device, --precision, --no-channels-last, --compile and
+  --workers describe this machine: they come from the command line (or their defaults). --data-dir
+  and --no-download keep the checkpoint's values unless given; --out-dir defaults to the checkpoint's
+  folder.
+
+recipe: the defaults are a published recipe, not tuned on any test set: batch 512; SGD with
+  Nesterov momentum 0.9 (Sutskever et al. 2013); weight decay 5e-4 (He et al. 2016,
+  kuangliu/pytorch-cifar); one-cycle schedule (Smith & Topin 2019) with PyTorch's OneCycleLR shape:
+  from peak/25 up to the peak over the first 30% of steps, then a cosine anneal to peak/250000; peak
+  lr 0.1 per 128 images (Goyal et al. 2017 linear scaling: 0.4 at batch 512); label smoothing 0.1
+  (Szegedy et al. 2016); cutout 16 (DeVries & Taylor 2017). The seed project's recipe, with a
+  validation split instead of the test set: --schedule plateau --val-split 5000 --lr 0.01
+  --batch-size 64 --weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 --cutout 0
+  --precision fp32 --no-channels-last
+"""
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="The defaults are a published recipe, not tuned on any test set: batch 512; SGD with Nesterov "
-               "momentum 0.9 (Sutskever et al. 2013); weight decay 5e-4 (He et al. 2016, kuangliu/pytorch-cifar); "
-               "one-cycle schedule (Smith & Topin 2019) with PyTorch's OneCycleLR shape: from peak/25 up to the "
-               "peak over the first 30% of steps, then a cosine anneal to peak/250000; peak lr 0.1 per 128 "
-               "images (Goyal et al. 2017 linear scaling: 0.4 at batch 512); label smoothing 0.1 (Szegedy et "
-               "al. 2016); cutout 16 (DeVries & Taylor 2017). The seed project's recipe, with a validation "
-               "split instead of the test set: --schedule plateau --val-split 5000 --lr 0.01 --batch-size 64 "
-               "--weight-decay 0 --label-smoothing 0 --no-nesterov --pad-crop 0 --cutout 0 --precision fp32 "
-               "--no-channels-last.")
+    parser = cli.Parser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10",
                       help="dataset (default: %(default)s)")
@@ -81,6 +105,9 @@ def build_parser():
                       help="fail instead of downloading a missing dataset")
     data.add_argument("--train-subset", type=int, default=0, metavar="N",
                       help="train on the first N training images only (0: all), for quick runs (default: %(default)s)")
+    data.add_argument("--test-subset", type=int, default=0, metavar="N",
+                      help="evaluate on N test images only (0: all): the same, class-balanced images every "
+                           "epoch, for quick runs; their accuracy is not the test accuracy (default: %(default)s)")
     data.add_argument("--val-split", type=int, default=0, metavar="N",
                       help="hold out N training images as a validation set; the plateau schedule and "
                            "best.pt then watch it instead of the training loss / test accuracy (default: %(default)s)")
@@ -132,6 +159,8 @@ def build_parser():
     out.add_argument("--out-dir", default=None,
                      help=f"where {LOG_NAME}, {LAST_NAME} and {BEST_NAME} go (default: the current "
                           "folder, or the folder of --resume)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the files of another run found in --out-dir (refused without it)")
     out.add_argument("--resume", metavar="PATH", default=None,
                      help=f"continue the run saved in this {LAST_NAME}; the recipe comes from it, while "
                           "--device, --precision, --no-channels-last, --compile, --workers, --data-dir, "
@@ -154,7 +183,8 @@ def check_args(args):
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{name} must be at least 1 (got {value})")
-    non_negative = {"train-subset": args.train_subset, "val-split": args.val_split, "seed": args.seed,
+    non_negative = {"train-subset": args.train_subset, "test-subset": args.test_subset,
+                    "val-split": args.val_split, "seed": args.seed,
                     "pad-crop": args.pad_crop, "cutout": args.cutout, "weight-decay": args.weight_decay,
                     "plateau-patience": args.plateau_patience}
     for name, value in non_negative.items():
@@ -254,6 +284,9 @@ def process_settings(args, device):
 def split_data(data, args):
     """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
     images, labels = data.train_images, data.train_labels
+    if args.train_subset > len(images):
+        note(f"--train-subset {args.train_subset} asked for, but the dataset has {len(images)} training images: "
+             f"training on all of them")
     if args.train_subset:
         images, labels = images[:args.train_subset], labels[:args.train_subset]
     if args.val_split >= len(images):
@@ -263,6 +296,18 @@ def split_data(data, args):
     order = np.random.default_rng(args.seed).permutation(len(images))
     train, val = np.sort(order[args.val_split:]), np.sort(order[:args.val_split])
     return (images[train], labels[train]), (images[val], labels[val])
+
+
+def test_data(data, args):
+    """The test images to evaluate: all, or --test-subset of them, class-balanced and the same every epoch."""
+    if not args.test_subset:
+        return data.test_images, data.test_labels
+    if args.test_subset >= len(data.test_labels):
+        note(f"--test-subset {args.test_subset} asked for, but the dataset has {len(data.test_labels)} test "
+             f"images: evaluating on all of them")
+        return data.test_images, data.test_labels
+    chosen = augment.balanced_subset(data.test_labels, args.test_subset)
+    return data.test_images[chosen], data.test_labels[chosen]
 
 
 def ignore_stop_signals_in_worker(_worker_id):
@@ -384,7 +429,8 @@ class StopFlag:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step", file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current step (once the last step "
+              f"is done, the run finishes instead); again to stop at once", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -414,6 +460,8 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
     seen, last_refresh, start = 0, time.monotonic(), time.perf_counter()
     bar = progress_bar(loader, len(loader), f"epoch {epoch}/{epochs}", bar_enabled)
     for step, (images, labels) in enumerate(bar):
+        if step == 1:
+            wait_for_a_signal_in_tests(stop)
         if stop.signal is not None:
             raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
         images = images.to(device, non_blocking=non_blocking)
@@ -435,6 +483,16 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
             "train_seconds": seconds, "images_per_s": seen / seconds}
 
 
+def wait_for_a_signal_in_tests(stop):
+    """Test-only switch: after an epoch's first step, say so and wait (at most a minute) for a stop
+    signal, so that a test's signal lands between two steps whatever the machine's load."""
+    if os.environ.get("TRAIN_TEST_WAIT_FOR_SIGNAL"):
+        print("test: between steps, waiting for a signal", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 60
+        while stop.signal is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def check_finite(first_bad_step, epoch, steps):
     bad = int(first_bad_step.item())
     if bad > 0:
@@ -442,7 +500,7 @@ def check_finite(first_bad_step, epoch, steps):
 
 
 @torch.no_grad()
-def evaluate(runner, images, labels, num_classes, batch_size):
+def evaluate(runner, images, labels, num_classes, batch_size, description="evaluating", bar_enabled=False):
     """Loss, accuracy, accuracy with horizontal-flip test-time augmentation, and the confusion matrix.
 
     `images` is a uint8 (N, 3, 32, 32) tensor; the loss is the training criterion, so curves compare.
@@ -457,7 +515,8 @@ def evaluate(runner, images, labels, num_classes, batch_size):
     correct = torch.zeros((), device=device, dtype=torch.long)
     correct_tta = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for start in progress_bar(starts, len(starts), description, bar_enabled):
         y = labels[start:start + batch_size].to(device)
         x = images[start:start + batch_size].to(device)
         x = runner.inputs(padded(x, batch_size) if runner.compiled else x)
@@ -586,6 +645,28 @@ class RunLock:
             self.file.close()
 
 
+def check_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
+
+
+def refuse_to_replace_another_run(out_dir):
+    """A new run in a folder that holds another run's files would replace them: say so, and the ways out."""
+    found = [name for name in (LOG_NAME, LAST_NAME, BEST_NAME) if os.path.exists(os.path.join(out_dir, name))]
+    if not found:
+        return
+    what = ", ".join(found)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):
+        with open(os.path.join(out_dir, LOG_NAME)) as f:
+            log = json.load(f)
+        last = log["epochs"][-1]
+        what = (f"{len(log['epochs'])} of {log['args']['epochs']} epochs, test accuracy "
+                f"{100 * last['test_acc']:.2f}% at epoch {last['epoch']}")
+    raise UsageError(f"{out_dir}/ holds another run ({what}); continue it with --resume "
+                     f"{os.path.join(out_dir, LAST_NAME)}, choose another --out-dir, or give --overwrite to "
+                     f"replace it")
+
+
 def prepare_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -669,11 +750,18 @@ def save_epoch(paths, checkpoint, improved, log):
         reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise WriteFailed(f"could not save epoch {checkpoint['epoch']} ({reason}); the files of the last "
                           f"saved epoch are intact, continue with: python train.py --resume "
-                          f"{paths[LAST_NAME]}") from None
+                          f"{os.path.abspath(paths[LAST_NAME])}") from None
 
 
-def build_log(args, env, classes, history, best_key, final=None):
-    log = {"format": LOG_FORMAT, "args": dict(vars(args)), "environment": env, "classes": classes,
+def data_description(data, test_labels):
+    """What the accuracies were measured on: plot_curves.py and gradcam.py say so when it is not the
+    official test set."""
+    return {"official": data.official, "test_images": len(test_labels),
+            "test_subset": len(test_labels) < len(data.test_labels)}
+
+
+def build_log(args, env, classes, history, best_key, final=None, data=None):
+    log = {"format": LOG_FORMAT, "args": dict(vars(args)), "environment": env, "data": data, "classes": classes,
            "epochs": history, "summary": summarize(history, best_key) if history else None}
     if final is not None:
         log.update(final)
@@ -713,8 +801,17 @@ def restore_checkpoint(runner, checkpoint):
                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
 
 
-def args_for_resume(args):
-    """Read --resume's checkpoint and merge: recipe flags from it, runtime flags from the command line."""
+def flags_given(argv):
+    """The names of the flags that the command line sets (argparse fills in only what is missing)."""
+    names = vars(build_parser().parse_args([]))
+    unset = object()
+    parsed = build_parser().parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
+    return {name for name, value in vars(parsed).items() if value is not unset}
+
+
+def args_for_resume(args, given):
+    """Read --resume's checkpoint and merge: the recipe and the data's place from it, the machine from
+    the command line; `given`: the flags the command line set."""
     checkpoint = read_checkpoint(args.resume)
     for key in ("optimizer", "scheduler", "scaler", "rng", "epoch", "args", "history"):
         if key not in checkpoint:
@@ -726,7 +823,7 @@ def args_for_resume(args):
     if ignored:
         print(f"warning: ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}",
               file=sys.stderr)
-    merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS})
+    merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS if k in MACHINE_FLAGS or k in given or k not in merged})
     if args.out_dir is None:
         merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
     return argparse.Namespace(**merged), checkpoint
@@ -738,40 +835,51 @@ def epoch_line(record, epochs, has_val):
             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%{val}  "
             f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}% "
             f"(flip TTA {100 * record['test_acc_tta']:.2f}%)  "
-            f"{record['seconds']:.1f}s  {record['images_per_s']:.0f} img/s")
+            f"{record['seconds']:.1f}s in all (training {record['train_seconds']:.1f}s at "
+            f"{record['images_per_s']:.0f} img/s)")
 
 
 # ----------------------------------------------------------------------------- the run
 
-def train(args):
-    """The whole run: data, model, epochs, files. Returns the exit code."""
+def train(args, given=frozenset()):
+    """The whole run: data, model, epochs, files. `given`: the flags the command line set. Returns the exit code."""
     checkpoint = None
     if args.resume:
-        args, checkpoint = args_for_resume(args)
+        args, checkpoint = args_for_resume(args, given)
     check_args(args)
     device, precision = resolve_device(args)
     args.out_dir = args.out_dir or "."
+    args.data_dir = os.path.abspath(args.data_dir)  # saved in the checkpoint: a resume from any folder finds it
+    check_out_dir(args.out_dir)
+    if checkpoint is None and not args.overwrite:
+        refuse_to_replace_another_run(args.out_dir)
+    # Every input is checked before anything is created: a bad dataset leaves no folder and no lock behind.
+    data = augment.load_dataset(args.dataset, args.data_dir, download=args.download)
+    if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
+        raise CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
+                              f"classes, but {args.dataset} has {len(data.classes)}")
     prepare_out_dir(args.out_dir)
     # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
     # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
     heap = freed_memory_kept_in_heap(device.type == "cpu")
     with RunLock(args.out_dir), StopFlag() as stop, process_settings(args, device), heap as heap_reuse:
         remove_stale_temp_files(args.out_dir)
-        Run(args, checkpoint, device, precision, heap_reuse).run(stop)
+        Run(args, data, checkpoint, device, precision, heap_reuse).run(stop)
     return 0
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
 
 
 class Run:
     """The state of one training run and its two jobs: run an epoch, save what it produced."""
 
-    def __init__(self, args, checkpoint, device, precision, heap_reuse):
+    def __init__(self, args, data, checkpoint, device, precision, heap_reuse):
         torch.manual_seed(args.seed)
-        data = augment.load_dataset(args.dataset, args.data_dir, download=args.download)
         (train_images, train_labels), val = split_data(data, args)
+        test_images, test_labels = test_data(data, args)
         self.num_classes = len(data.classes)
-        if checkpoint is not None and checkpoint["model_args"].get("num_classes") != self.num_classes:
-            raise CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
-                                  f"classes, but {args.dataset} has {self.num_classes}")
         workers = default_workers() if args.workers is None else args.workers
         if device.type == "cpu" and args.epochs * len(train_images) > 100_000:
             print(f"warning: training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
@@ -785,14 +893,20 @@ class Run:
             restore_checkpoint(self.runner, checkpoint)
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
         self.writer = BackgroundWriter(saved_epoch=len(self.history))
-        self.test = (augment.to_tensor(data.test_images).to(device), torch.from_numpy(data.test_labels).to(device))
+        self.test = (augment.to_tensor(test_images).to(device), torch.from_numpy(test_labels).to(device))
+        self.described = data_description(data, test_labels)
         self.val = None if val is None else (augment.to_tensor(val[0]).to(device), torch.from_numpy(val[1]).to(device))
         self.best_key = "val_acc" if val is not None else "test_acc"
         self.env = environment(device, precision, workers, args, heap_reuse)
         self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
+        dropped = len(train_images) - len(self.loader) * args.batch_size
+        if dropped > 0:
+            note(f"each epoch trains on {len(self.loader)} batches of {args.batch_size}: {dropped} of the "
+                 f"{len(train_images)} training images, different ones each epoch, are left out (a smaller "
+                 f"last batch would disturb BatchNorm's statistics and make --compile compile again)")
         print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
               f" on {self.env['device_name']} ({precision}, {workers} workers), {len(train_images)} training "
-              f"images, {len(data.test_labels)} test images; writing into {args.out_dir}/")
+              f"images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
     def epoch(self, epoch, stop):
         """Train and evaluate one epoch; returns its log record and the test confusion matrix."""
@@ -801,10 +915,11 @@ class Run:
         start = time.perf_counter()
         record = {"epoch": epoch, "lr": runner.lr()}
         record.update(train_one_epoch(runner, self.loader, epoch, args.epochs, stop, show_progress()))
+        bar = show_progress()
         if self.val is not None:
-            val = evaluate(runner, *self.val, self.num_classes, args.batch_size)
+            val = evaluate(runner, *self.val, self.num_classes, args.batch_size, f"epoch {epoch} validation", bar)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        test = evaluate(runner, *self.test, self.num_classes, args.batch_size)
+        test = evaluate(runner, *self.test, self.num_classes, args.batch_size, f"epoch {epoch} test", bar)
         record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
         if args.schedule == "plateau":
             runner.scheduler.step(record["val_acc"] if self.val is not None else record["train_loss"])
@@ -819,7 +934,8 @@ class Run:
         best = {"metric": self.best_key, "value": record[self.best_key], "epoch": epoch} if improved else self.best
         final = final_metrics(confusion, self.data.classes) if epoch == self.args.epochs else None
         checkpoint = build_checkpoint(self.runner, self.args, self.data, epoch, history, best)
-        log = build_log(self.args, self.env, self.data.classes, history, self.best_key, final)
+        checkpoint["data"] = self.described
+        log = build_log(self.args, self.env, self.data.classes, history, self.best_key, final, self.described)
         self.writer.submit(epoch, lambda: save_epoch(self.paths, checkpoint, improved, log))
         self.history, self.best = history, best
 
@@ -841,9 +957,11 @@ class Run:
         except (Stopped, KeyboardInterrupt) as error:
             done = self.writer.wait()
             saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
-                     f"python train.py --resume {paths[LAST_NAME]}" if done else
+                     f"python train.py --resume {os.path.abspath(paths[LAST_NAME])}" if done else
                      "no epoch was completed, nothing was saved")
             raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
+        if stop.signal is not None:
+            print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
         summary = summarize(self.history, self.best_key)
         print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
               f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
@@ -992,7 +1110,7 @@ def benchmark_table(r):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return benchmark(args) if args.benchmark else train(args)
+        return benchmark(args) if args.benchmark else train(args, flags_given(argv))
     except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
