@@ -11,7 +11,6 @@ From a notebook:
 
 Everything the picture needs (model arguments, class names, mean, std) comes from the checkpoint.
 """
-import argparse
 import contextlib
 import io
 import math
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import cli
 import devices
 from resnet import CheckpointError, model_from_checkpoint, read_checkpoint
 
@@ -133,11 +133,14 @@ class GradCAM:
 # ----------------------------------------------------------------------------- images
 
 def load_image(path):
-    """Any image Pillow reads -> RGB uint8 (H, W, 3); transparency is composited over white."""
+    """Any image Pillow reads -> RGB uint8 (H, W, 3); transparency is composited over white, 16-bit and
+    32-bit integer images are read at their 16-bit range, float images in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode.startswith("I") or image.mode == "F":
+                return grey_at_its_range(np.asarray(image), image.mode, path)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -149,6 +152,23 @@ def load_image(path):
         raise UsageError(f"{path} is a folder, not an image") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UsageError(f"{path} is not an image Pillow can read ({type(error).__name__})") from None
+
+
+def grey_at_its_range(pixels, mode, path):
+    """A 16-bit, 32-bit integer or float grey image -> RGB uint8. Pillow's own convert("RGB") clips such
+    pixels at 255, which turns a 16-bit photo all white."""
+    pixels = pixels.astype(np.float64)
+    if mode == "F":
+        if not (pixels.min() >= 0 and pixels.max() <= 1):  # also catches NaN
+            raise UsageError(f"{path} is a floating-point image with values outside [0, 1] "
+                             f"({np.nanmin(pixels):.4g} to {np.nanmax(pixels):.4g}); save it as an 8-bit image")
+        scaled = pixels * 255
+    else:
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise UsageError(f"{path} has {mode} pixels outside the 16-bit range 0-65535; save it as an 8-bit image")
+        scaled = pixels / 257  # 65535 -> 255
+    grey = np.round(scaled).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def resize(array, size):
@@ -170,7 +190,7 @@ def overlay(image, heatmap, alpha=0.5):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
                         help="image(s) to explain: any format and size Pillow reads")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
@@ -182,15 +202,17 @@ def build_parser():
     parser.add_argument("--method", choices=METHODS, default="gradcam",
                         help="Grad-CAM or Grad-CAM++ (default: %(default)s)")
     parser.add_argument("--out", default=None,
-                        help="picture to write (default: IMAGE_gradcam.png beside the first image, or "
-                             "gradcam_misclassified.png / gradcam_correct.png)")
+                        help="picture to write, in the format its extension names (.png, .jpg, .pdf, .svg, ...) "
+                             "(default: IMAGE_gradcam.png beside the first image, or gradcam_misclassified.png / "
+                             "gradcam_correct.png)")
     parser.add_argument("--save-npy", default=None, metavar="FILE",
                         help="also save the maps, float32 (images, layers, 32, 32) in [0, 1]")
-    parser.add_argument("--misclassified", type=int, default=0, metavar="N",
+    parser.add_argument("--misclassified", type=int, default=None, metavar="N",
                         help="instead of --image: a grid of N misclassified CIFAR test images")
-    parser.add_argument("--correct", type=int, default=0, metavar="N",
+    parser.add_argument("--correct", type=int, default=None, metavar="N",
                         help="instead of --image: a grid of N correctly classified CIFAR test images")
-    parser.add_argument("--data-dir", default="./data", help="where train.py put the dataset (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the dataset is (default: the folder the checkpoint's run used, else ./data)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the --misclassified/--correct choice (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
@@ -199,11 +221,27 @@ def build_parser():
 
 
 def check_args(args):
-    grids = sum(1 for n in (args.misclassified, args.correct) if n)
-    if args.misclassified < 0 or args.correct < 0:
-        raise UsageError("--misclassified and --correct take a positive count")
-    if bool(args.image) + grids != 1:
-        raise UsageError("give either --image FILE..., --misclassified N or --correct N")
+    for name in ("misclassified", "correct"):
+        count = getattr(args, name)
+        if count is not None and count < 1:
+            raise UsageError(f"--{name} takes a count of at least 1 (got {count})")
+    chosen = [bool(args.image), args.misclassified is not None, args.correct is not None]
+    if sum(chosen) != 1:
+        raise UsageError("give one of --image FILE..., --misclassified N or --correct N"
+                         + (" (not several)" if sum(chosen) > 1 else ""))
+    if args.out is not None:
+        picture_format(args.out)
+
+
+def picture_format(path):
+    """The picture format that the file name's extension names, as matplotlib writes it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    if extension not in supported:
+        raise UsageError(f"--out {path}: name a picture format by its extension: "
+                         f"{', '.join('.' + e for e in sorted(supported))}")
+    return extension
 
 
 def load_model(path, device):
@@ -250,7 +288,7 @@ def write_atomically(path, data):
 
 def save_figure(figure, path):
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format=picture_format(path), dpi=100)
     write_atomically(path, buffer.getvalue())
 
 
@@ -270,14 +308,12 @@ def explain_images(args, model, checkpoint, device):
     maps, logits, targets = cam(model_input(small, checkpoint, device), target)
     probabilities = logits.float().softmax(dim=1).cpu()
     maps, targets = maps.cpu().numpy(), targets.cpu().tolist()
-    for path, p in zip(args.image, probabilities):
-        print(top5_lines(path, p, classes))
     out = args.out or f"{os.path.splitext(args.image[0])[0]}_gradcam.png"
     rows = [(i, j) for i in range(len(originals)) for j in range(len(args.layer))]
     figure = image_figure(rows, args, originals, small, maps, targets, probabilities, classes)
     save_figure(figure, out)
-    print(f"wrote {out}")
-    return maps
+    lines = [top5_lines(path, p, classes) for path, p in zip(args.image, probabilities)]
+    return maps, lines + [f"wrote {out}"]
 
 
 def display_copy(image, longest=1024):
@@ -319,10 +355,12 @@ def image_figure(rows, args, originals, small, maps, targets, probabilities, cla
 def pick_test_images(args, model, checkpoint, device):
     """A seeded walk through the test set, classifying chunks until enough (mis)classified images are found."""
     wanted = args.misclassified or args.correct
+    data_dir = args.data_dir or checkpoint.get("args", {}).get("data_dir") or "./data"
     try:
-        data = augment.load_dataset(checkpoint.get("dataset", "cifar10"), args.data_dir, download=False)
+        data = augment.load_dataset(checkpoint.get("dataset", "cifar10"), data_dir, download=False, test_only=True)
     except augment.DatasetError as error:
-        raise UsageError(f"the test set is not on disk ({error}); run train.py once, or pass --data-dir") from None
+        raise UsageError(f"cannot read the test set ({error}); run train.py once (it downloads the dataset), "
+                         f"or pass --data-dir") from None
     order = np.random.default_rng(args.seed).permutation(len(data.test_labels))
     chosen, predicted = [], []
     with torch.no_grad():
@@ -346,13 +384,14 @@ def explain_test_grid(args, model, checkpoint, device):
     maps = maps[:, 0].cpu().numpy()
     kind = "misclassified" if args.misclassified else "correct"
     out = args.out or f"gradcam_{kind}.png"
-    figure = grid_figure(images, maps, data.test_labels[chosen], predicted, data.classes, args, kind)
+    figure = grid_figure(images, maps, data.test_labels[chosen], predicted, data.classes, args, kind, data.official)
     save_figure(figure, out)
-    print(f"wrote {out}: {len(chosen)} {kind} test images, Grad-CAM of the predicted class at {args.layer[0]}")
-    return maps[:, None]
+    images_are = "test images" if data.official else "held-out images (not the official test set)"
+    return maps[:, None], [f"wrote {out}: {len(chosen)} {kind} {images_are}, Grad-CAM of the predicted class "
+                           f"at {args.layer[0]}"]
 
 
-def grid_figure(images, maps, truth, predicted, classes, args, kind):
+def grid_figure(images, maps, truth, predicted, classes, args, kind, official=True):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -365,7 +404,8 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind):
         axis.imshow(overlay(image, heatmap), interpolation="nearest")
         axis.set_title(f"{classes[t]} / {classes[p]}", fontsize=8, color="black" if t == p else "firebrick")
     method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
-    figure.suptitle(f"{kind} test images (true / predicted), {method} of the prediction at {args.layer[0]}, "
+    images_are = "test images" if official else "held-out images, not the official test set"
+    figure.suptitle(f"{kind} {images_are} (true / predicted), {method} of the prediction at {args.layer[0]}, "
                     f"seed {args.seed}", fontsize=10)
     figure.tight_layout()
     return figure
@@ -377,25 +417,35 @@ def save_maps(path, maps):
     write_atomically(path, buffer.getvalue())
 
 
+def explain(args):
+    """Everything but the printing: the pictures and arrays are written first, so that a reader that
+    stops early (`| head -1`) loses none of them. Returns the lines to print."""
+    check_args(args)
+    device = devices.pick_device(args.device)
+    model, checkpoint = load_model(args.checkpoint, device)
+    find_modules(model, args.layer)  # fail on a bad layer before any work
+    parse_class(args.target, checkpoint["classes"])
+    if args.image:
+        maps, lines = explain_images(args, model, checkpoint, device)
+    else:
+        maps, lines = explain_test_grid(args, model, checkpoint, device)
+    if args.save_npy:
+        save_maps(args.save_npy, maps)
+        lines.append(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
+    if checkpoint.get("data", {}).get("official") is False:
+        lines.append(f"note: {args.checkpoint} was trained on files that are not the official "
+                     f"{checkpoint.get('dataset', 'CIFAR')} (its log's accuracies are held-out, not test accuracies)")
+    return lines
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        check_args(args)
-        device = devices.pick_device(args.device)
-        model, checkpoint = load_model(args.checkpoint, device)
-        find_modules(model, args.layer)  # fail on a bad layer before any work
-        parse_class(args.target, checkpoint["classes"])
-        if args.image:
-            maps = explain_images(args, model, checkpoint, device)
-        else:
-            maps = explain_test_grid(args, model, checkpoint, device)
-        if args.save_npy:
-            save_maps(args.save_npy, maps)
-            print(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
+        lines = explain(args)
     except (UsageError, CheckpointError, devices.DeviceError) as error:
         print(f"gradcam.py: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return cli.run_quietly_into_a_closed_pipe(lambda: print("\n".join(lines)) or 0)
 
 
 if __name__ == "__main__":

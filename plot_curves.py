@@ -7,12 +7,14 @@ Several logs are overlaid in one picture, one colour per run. For a single finis
 shows its confusion matrix and per-class accuracy (--no-confusion skips it). A log of a run still in
 progress plots the epochs it has. Needs only the JSON log: no torch, it starts fast.
 """
-import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sys
+
+import cli
 
 LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this; a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
@@ -23,7 +25,7 @@ class UsageError(Exception):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log.json file(s) written by train.py")
     parser.add_argument("--out", default=None,
                         help="picture to write (default: LOG_curves.png beside the first log, or "
@@ -59,13 +61,35 @@ def read_log(path):
     return log
 
 
+def evaluated_on(log):
+    """What the log's "test" accuracies were measured on, in words: train.py records whether the files
+    matched the official checksums and whether --test-subset was used."""
+    data = log.get("data") or {}
+    name = "held-out images, not the official test set" if data.get("official") is False else "test set"
+    if data.get("test_subset"):
+        name = f"{data['test_images']} images of the {'test set' if data.get('official') else name}"
+    return name
+
+
+def accuracy_name(log):
+    """'test', or 'held-out' where the images are not the official test set."""
+    return "held-out" if (log.get("data") or {}).get("official") is False else "test"
+
+
+def nan_epochs(log):
+    return [r["epoch"] for r in log["epochs"] if any(isinstance(r.get(k), float) and math.isnan(r[k])
+                                                     for k in ("train_loss", "test_loss", "test_acc", "train_acc"))]
+
+
 def summary(log):
     """Final and best test accuracy, epochs, time and device, from the epoch records themselves
     (so that a run still in progress is summarized the same way)."""
     epochs = log["epochs"]
-    best = max(epochs, key=lambda r: (r["test_acc"], -r["epoch"]))
+    finite = [r for r in epochs if not math.isnan(r["test_acc"])] or epochs
+    best = max(finite, key=lambda r: (r["test_acc"], -r["epoch"]))
     env = log.get("environment", {})
     return {"epochs_done": epochs[-1]["epoch"], "epochs_planned": log.get("args", {}).get("epochs"),
+            "evaluated_on": evaluated_on(log), "accuracy_name": accuracy_name(log),
             "final_test_acc": epochs[-1]["test_acc"], "final_test_acc_tta": epochs[-1]["test_acc_tta"],
             "best_test_acc": best["test_acc"], "best_test_acc_epoch": best["epoch"],
             "total_seconds": sum(r["seconds"] for r in epochs),
@@ -74,16 +98,18 @@ def summary(log):
 
 def one_line(s):
     planned = f"/{s['epochs_planned']}" if s["epochs_planned"] else ""
-    return (f"final test {100 * s['final_test_acc']:.2f}% (flip TTA {100 * s['final_test_acc_tta']:.2f}%), "
+    return (f"final {s['accuracy_name']} {100 * s['final_test_acc']:.2f}% (flip TTA "
+            f"{100 * s['final_test_acc_tta']:.2f}%; {s['evaluated_on']}), "
             f"best {100 * s['best_test_acc']:.2f}% at epoch {s['best_test_acc_epoch']}, "
             f"{s['epochs_done']}{planned} epochs, {s['total_seconds'] / 60:.1f} min, {s['device']}")
 
 
 def table(labels, summaries):
-    header = ("run", "epochs", "final test", "flip TTA", "best test", "best epoch", "minutes", "device")
+    header = ("run", "epochs", "final acc", "flip TTA", "best acc", "best epoch", "minutes", "evaluated on",
+              "device")
     rows = [(label, f"{s['epochs_done']}/{s['epochs_planned'] or '?'}", f"{100 * s['final_test_acc']:.2f}%",
              f"{100 * s['final_test_acc_tta']:.2f}%", f"{100 * s['best_test_acc']:.2f}%",
-             str(s["best_test_acc_epoch"]), f"{s['total_seconds'] / 60:.1f}", s["device"])
+             str(s["best_test_acc_epoch"]), f"{s['total_seconds'] / 60:.1f}", s["evaluated_on"], s["device"])
             for label, s in zip(labels, summaries)]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows)
@@ -105,27 +131,33 @@ def curves_figure(logs, labels, summaries):
         colour = f"C{index}"
         epochs = [r["epoch"] for r in log["epochs"]]
 
+        marker = "o" if len(epochs) < 2 else None  # a single point draws no line
+
         def plot(axis, key, style, name, scale=1.0):
             if all(key in r for r in log["epochs"]):
-                axis.plot(epochs, [scale * r[key] for r in log["epochs"]], style, color=colour,
+                axis.plot(epochs, [scale * r[key] for r in log["epochs"]], style, color=colour, marker=marker,
                           label=f"{label} {name}" if len(logs) > 1 else name)
 
+        tested = s["accuracy_name"]
         plot(loss_axis, "train_loss", "-", "train")
         plot(loss_axis, "val_loss", ":", "validation")
-        plot(loss_axis, "test_loss", "--", "test")
+        plot(loss_axis, "test_loss", "--", tested)
         plot(acc_axis, "train_acc", "-", "train", 100)
         plot(acc_axis, "val_acc", ":", "validation", 100)
-        plot(acc_axis, "test_acc", "--", "test", 100)
-        plot(acc_axis, "test_acc_tta", "-.", "test, flip TTA", 100)
+        plot(acc_axis, "test_acc", "--", tested, 100)
+        plot(acc_axis, "test_acc_tta", "-.", f"{tested}, flip TTA", 100)
         plot(lr_axis, "lr", "-", "learning rate")
         acc_axis.plot([s["best_test_acc_epoch"]], [100 * s["best_test_acc"]], "*", color=colour, markersize=12,
-                      label=f"best test ({100 * s['best_test_acc']:.2f}%)" if len(logs) == 1 else None)
+                      label=f"best {tested} ({100 * s['best_test_acc']:.2f}%)" if len(logs) == 1 else None)
     loss_axis.set(title="loss (training criterion)", xlabel="epoch", ylabel="loss", yscale="log")
     acc_axis.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
     lr_axis.set(title="learning rate (at each epoch's start)", xlabel="epoch", ylabel="lr", yscale="log")
     from matplotlib.ticker import MaxNLocator
+    last_epoch = max(s["epochs_done"] for s in summaries)
     for axis in (loss_axis, acc_axis, lr_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if last_epoch < 3:  # matplotlib would spread one or two epochs over fractions
+            axis.set_xlim(0.5, last_epoch + 0.5)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     if len(logs) == 1:
@@ -148,7 +180,7 @@ def confusion_figure(log, label):
             matrix_axis.text(j, i, str(count), ha="center", va="center", fontsize=7,
                              color="white" if count > 0.5 * max(max(r) for r in matrix) else "black")
     matrix_axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-                    title="confusion matrix (test set, final epoch)")
+                    title=f"confusion matrix ({evaluated_on(log)}, final epoch)")
     matrix_axis.set_xticklabels(classes, rotation=45, ha="right")
     matrix_axis.set_yticklabels(classes)
     figure.colorbar(image, ax=matrix_axis, fraction=0.046)
@@ -159,7 +191,8 @@ def confusion_figure(log, label):
     bar_axis.invert_yaxis()
     for y, value in enumerate(accuracies):
         bar_axis.text(value, y, f" {value:.1f}%", va="center", fontsize=8)
-    figure.suptitle(f"{label}: final test accuracy {100 * log['epochs'][-1]['test_acc']:.2f}%", fontsize=11)
+    figure.suptitle(f"{label}: final {accuracy_name(log)} accuracy {100 * log['epochs'][-1]['test_acc']:.2f}% "
+                    f"({evaluated_on(log)})", fontsize=11)
     figure.tight_layout()
     return figure
 
@@ -197,25 +230,36 @@ def default_labels(paths):
     return names if len(set(names)) == len(names) else list(paths)
 
 
+def plot(args):
+    """Write every picture, then return the lines to print: a reader that stops early (`| head -1`)
+    loses no picture."""
+    if args.labels is not None and len(args.labels) != len(args.logs):
+        raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
+    logs = [read_log(path) for path in args.logs]
+    labels = args.labels or default_labels(args.logs)
+    for path, log in zip(args.logs, logs):
+        bad = nan_epochs(log)
+        if bad:
+            print(f"warning: {path} has NaN losses or accuracies at epoch(s) {', '.join(map(str, bad))}: the "
+                  f"run diverged there; those points are missing from the curves", file=sys.stderr)
+    summaries = [summary(log) for log in logs]
+    curves_path, confusion_path = output_paths(args)
+    save_figure(curves_figure(logs, labels, summaries), curves_path)
+    lines = [table(labels, summaries), f"wrote {curves_path}"]
+    if args.confusion and len(logs) == 1 and "confusion_matrix" in logs[0]:
+        save_figure(confusion_figure(logs[0], labels[0]), confusion_path)
+        lines.append(f"wrote {confusion_path}")
+    return lines
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.labels is not None and len(args.labels) != len(args.logs):
-            raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
-        logs = [read_log(path) for path in args.logs]
-        labels = args.labels or default_labels(args.logs)
-        summaries = [summary(log) for log in logs]
-        curves_path, confusion_path = output_paths(args)
-        save_figure(curves_figure(logs, labels, summaries), curves_path)
-        print(table(labels, summaries))
-        print(f"wrote {curves_path}")
-        if args.confusion and len(logs) == 1 and "confusion_matrix" in logs[0]:
-            save_figure(confusion_figure(logs[0], labels[0]), confusion_path)
-            print(f"wrote {confusion_path}")
+        lines = plot(args)
     except UsageError as error:
         print(f"plot_curves.py: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return cli.run_quietly_into_a_closed_pipe(lambda: print("\n".join(lines)) or 0)
 
 
 if __name__ == "__main__":

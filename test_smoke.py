@@ -450,6 +450,135 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(request, tmp_path, m
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
 
 
+# ----------------------------------------------------------------------------- a new user's first hour
+
+def test_a_second_run_does_not_replace_the_first(trained_run, data_dir, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(trained_run, folder)
+    before = {name: (folder / name).read_bytes() for name in ("log.json", "last.pt", "best.pt")}
+    final = json.loads(before["log.json"])["epochs"][-1]["test_acc"]
+    code, err = run_main(train, tiny_args(data_dir, folder), capsys)
+    assert code == 2 and len(error_lines(err)) == 1, err
+    for words in ("holds another run", "2 of 2 epochs", f"{100 * final:.2f}%", "--resume", "--out-dir", "--overwrite"):
+        assert words in err, (words, err)
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert train.main(tiny_args(data_dir, folder, "--epochs", "1", "--overwrite")) == 0
+    assert [r["epoch"] for r in json.loads((folder / "log.json").read_text())["epochs"]] == [1]
+
+
+def test_resume_from_another_folder_finds_the_runs_data(data_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "my-data"
+    shutil.copytree(data_dir, data)
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    interrupt_after_epoch(monkeypatch, 1)
+    code, err = run_main(train, tiny_args("my-data", "run"), capsys)  # relative paths, as a user types them
+    assert code == 130
+    command = err.split("continue with: ")[1].split()
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # The printed command, as printed, plus this machine's flags: no --data-dir, no download attempt.
+    assert command[:2] == ["python", "train.py"]
+    assert train.main([*command[2:], "--device", "cpu", "--workers", "0", "--no-download"]) == 0
+    assert not (elsewhere / "data").exists() and not os.listdir(elsewhere)
+    assert torch.load(run / "last.pt", weights_only=True)["args"]["data_dir"] == str(data)
+
+
+def test_log_says_what_the_accuracies_were_measured_on(trained_run, tmp_path, capsys):
+    log = json.loads((trained_run / "log.json").read_text())
+    assert log["data"] == {"official": False, "test_images": 40, "test_subset": False}  # the tiny dataset
+    assert plot_curves.main([str(trained_run / "log.json"), "--out", str(tmp_path / "c.png")]) == 0
+    assert "held-out images, not the official test set" in capsys.readouterr().out
+
+
+def test_subsets_and_dropped_images_are_said(data_dir, tmp_path, capsys):
+    argv = tiny_args(data_dir, tmp_path, "--train-subset", "500", "--batch-size", "64", "--epochs", "1",
+                     "--test-subset", "20")
+    assert train.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "--train-subset 500 asked for, but the dataset has 200 training images" in err
+    assert "each epoch trains on 3 batches of 64: 8 of the 200 training images" in err
+    assert "200 training images, 20 test images" in out
+    assert "s in all (training " in out  # the epoch's whole time and the training time, each named
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["data"]["test_images"] == 20 and log["data"]["test_subset"]
+    assert np.array(log["confusion_matrix"]).sum(axis=1).tolist() == [2] * 10  # class-balanced
+
+
+def test_balanced_subset_is_fixed_and_even():
+    labels = np.repeat(np.arange(10), [50, 50, 50, 50, 50, 50, 50, 50, 50, 3])  # one rare class
+    chosen = augment.balanced_subset(labels, 100)
+    assert np.array_equal(chosen, augment.balanced_subset(labels, 100)) and len(set(chosen)) == 100
+    counts = np.bincount(labels[chosen], minlength=10)
+    assert counts[9] == 3 and counts[:9].max() - counts[:9].min() <= 1
+
+
+def test_evaluation_shows_a_progress_bar_at_a_terminal(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "show_progress", lambda: True)
+    assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0
+    assert "epoch 1 test" in capsys.readouterr().err
+
+
+def test_plot_of_one_epoch_has_markers_and_whole_epochs(trained_run, tmp_path):
+    log = json.loads((trained_run / "log.json").read_text())
+    log["epochs"] = log["epochs"][:1]
+    figure = plot_curves.curves_figure([log], ["one"], [plot_curves.summary(log)])
+    for axis in figure.axes:
+        assert axis.get_xlim() == (0.5, 1.5)
+        assert all(line.get_marker() not in (None, "None", "") for line in axis.get_lines())
+
+
+def test_plot_warns_about_nan(trained_run, tmp_path, capsys):
+    log = json.loads((trained_run / "log.json").read_text())
+    log["epochs"][-1].update(test_acc=float("nan"), train_loss=float("nan"))
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(log))
+    assert plot_curves.main([str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "NaN" in err and "epoch(s) 2" in err
+
+
+def test_a_closed_pipe_ends_quietly_with_every_file_written(trained_run, tmp_path):
+    log = tmp_path / "log.json"
+    shutil.copy(trained_run / "log.json", log)
+    image = save_test_images(tmp_path)[0]
+    commands = [["plot_curves.py", str(log)],
+                ["gradcam.py", "--image", image, "--checkpoint", str(trained_run / "best.pt")]]
+    for command in commands:
+        process = subprocess.Popen([sys.executable, *command], cwd=HERE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        process.stdout.close()  # `| head -0`: the reader is gone before anything is printed
+        err = process.stderr.read()
+        assert process.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert (tmp_path / "log_curves.png").exists() and (tmp_path / "log_confusion.png").exists()
+    assert os.path.exists(os.path.splitext(image)[0] + "_gradcam.png")
+
+
+def test_first_hour_messages(data_dir, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    code, err = run_main(train, tiny_args(data_dir, a_file), capsys)
+    assert code == 2 and "--out-dir" in err and "is a file" in err, err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    batch = damaged / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:500])  # truncated
+    out = tmp_path / "never"
+    code, err = run_main(train, tiny_args(str(damaged), out), capsys)
+    assert code == 2 and "data_batch_1 is damaged or truncated" in err and len(error_lines(err)) == 1, err
+    assert not out.exists()  # no folder, no .train.lock: nothing is created before the inputs are checked
+    code, err = run_main(train, ["--epochs", "abc"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "train.py: error: argument --epochs: invalid int value: 'abc' (see train.py --help)"], err
+    code, err = run_main(train, ["--no-such-flag"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
+    help_text = train.build_parser().format_help()
+    for words in ("examples:", "python train.py --resume last.pt", "--overwrite", "--data-dir\n  and --no-download keep"):
+        assert words in help_text, words
+
+
 # ----------------------------------------------------------------------------- GPUs and Macs, decided on a CPU
 # Every device-dependent choice is a function of plain facts: these tests feed it the facts of machines
 # that the test machine is not (a T4, an H100, a Mac, a Docker container with 64 MB of /dev/shm).
@@ -826,13 +955,53 @@ def test_gradcam_bad_input(trained_run, tmp_path, capsys):
         (["--image", image, "--checkpoint", checkpoint, "--class", "10"], "unknown class '10'"),
         (["--image", image, "--checkpoint", checkpoint, "--layer", "layer9"], "valid layers:"),
         (["--misclassified", "4", "--checkpoint", checkpoint, "--data-dir", str(tmp_path / "nodata")],
-         "test set is not on disk"),
-        (["--checkpoint", checkpoint], "either --image"),
+         "cannot read the test set"),
+        (["--checkpoint", checkpoint], "give one of --image"),
+        (["--misclassified", "0", "--checkpoint", checkpoint], "--misclassified takes a count of at least 1"),
+        (["--image", image, "--correct", "3", "--checkpoint", checkpoint], "(not several)"),
+        (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "x.doc")], "--out"),
+        (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "x")], "extension"),
+        (["--image", image, "--misclassified"], "expected one argument (see"),
     ]
     for argv, message in cases:
         code, err = run_main(gradcam, argv, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not list(tmp_path.glob("*_gradcam.png")) and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_gradcam_grid_reads_only_the_test_batch_and_says_not_official(trained_run, data_dir, tmp_path, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    (copy / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"damaged")  # not needed for a grid
+    out = tmp_path / "grid.jpg"  # the format the extension names
+    assert gradcam.main(["--misclassified", "4", "--checkpoint", str(trained_run / "best.pt"),
+                         "--data-dir", str(copy), "--out", str(out)]) == 0
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes in a .jpg
+    printed = capsys.readouterr().out
+    assert "held-out images (not the official test set)" in printed and "not the official" in printed
+    (copy / "cifar-10-batches-py" / "test_batch").unlink()
+    code, err = run_main(gradcam, ["--misclassified", "4", "--checkpoint", str(trained_run / "best.pt"),
+                                   "--data-dir", str(copy)], capsys)
+    assert code == 2 and "test_batch" in err and "allow the download" not in err, err
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_gradcam_reads_16_bit_and_float_images_at_their_range(tmp_path, mode):
+    from PIL import Image
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)  # black to white
+    values = {"I;16": (ramp * 65535).astype(np.uint16), "I": (ramp * 65535).astype(np.int32),
+              "F": ramp.astype(np.float32)}[mode]
+    path = tmp_path / f"grey.{'png' if mode == 'I;16' else 'tiff'}"
+    Image.fromarray(values).save(path)  # uint16 -> I;16, int32 -> I, float32 -> F
+    with Image.open(path) as check:
+        assert check.mode.startswith(mode[0])  # Pillow reads it back in a wide mode
+    pixels = gradcam.load_image(str(path))
+    assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 2  # not all white
+    too_bright = tmp_path / "bright.tiff"
+    Image.fromarray((ramp * 4).astype(np.float32)).save(too_bright)
+    with pytest.raises(gradcam.UsageError, match="outside"):
+        gradcam.load_image(str(too_bright))
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -917,10 +1086,12 @@ import time  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def start_training(argv, pause_in_write=None):
+def start_training(argv, pause_in_write=None, wait_between_steps=False):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if pause_in_write:
         env["TRAIN_TEST_PAUSE_IN_WRITE"] = str(pause_in_write)  # test-only: hold each write half-done
+    if wait_between_steps:
+        env["TRAIN_TEST_WAIT_FOR_SIGNAL"] = "1"  # test-only: after an epoch's first step, wait for a signal
     return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -966,10 +1137,10 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
         epoch_before = assert_files_consistent(out) if out.exists() else 0
         if epoch_before == 3:
             break
-        process = start_training(resume if epoch_before else fresh, pause_in_write=0.4)
-        if where == "step":
-            wait_for(lambda: process.stdout.readline().startswith(("resuming at", "training from")), process)
-            time.sleep(0.3)  # into the epoch's steps
+        process = start_training(resume if epoch_before else fresh, pause_in_write=0.4,
+                                 wait_between_steps=where == "step")
+        if where == "step":  # the process says when it is between two steps, and waits there
+            wait_for(lambda: process.stderr.readline().startswith("test: between steps"), process)
         else:
             wait_for(temp_file_of(out, where), process)
         process.send_signal(how)
@@ -984,6 +1155,24 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
     log = json.loads((out / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and "confusion_matrix" in log
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_a_stop_after_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypatch, capsys):
+    # Ctrl-C during the last epoch's evaluation: no step is left to stop after, so the run finishes,
+    # saves, says so, and exits 0; the message printed at the signal said this would happen.
+    evaluate = train.evaluate
+
+    def interrupted_evaluation(runner, *args, **kwargs):
+        if runner.scheduler.last_epoch == runner.scheduler.total_steps:  # after the last step
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(runner, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted_evaluation)
+    assert train.main(tiny_args(data_dir, tmp_path)) == 0
+    out, err = capsys.readouterr()
+    assert "once the last step is done, the run finishes" in err
+    assert "SIGINT came after the last training step: the run is complete" in out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, monkeypatch, capsys):

@@ -94,7 +94,7 @@ recipe: the defaults are a published recipe, not tuned on any test set: batch 51
 
 
 def build_parser():
-    parser = cli.Parser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+    parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10",
