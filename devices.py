@@ -76,8 +76,9 @@ def free_shared_memory(path="/dev/shm"):
 
 def worker_start_method():
     """How DataLoader workers start here: 'fork' (Linux up to Python 3.13), 'forkserver' (Linux from
-    3.14) or 'spawn' (macOS, Windows)."""
-    return multiprocessing.get_start_method()
+    3.14) or 'spawn' (macOS, Windows). Asked without fixing it: get_start_method() would, and a notebook's
+    later set_start_method() would then fail."""
+    return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -99,7 +100,11 @@ def choose_device(name, cuda_available, mps_is_available):
 def pick_device(name, index=None):
     """The torch.device for --device NAME; `index` picks one of several GPUs (torchrun's LOCAL_RANK)."""
     kind = choose_device(name, torch.cuda.is_available(), mps_available())
-    return torch.device(kind, index) if kind == "cuda" and index is not None else torch.device(kind)
+    if kind == "cuda" and index is not None:
+        # The current device is what "cuda" means to RNG states, synchronize() and DataLoader's pinning thread.
+        torch.cuda.set_device(index)
+        return torch.device(kind, index)
+    return torch.device(kind)
 
 
 def choose_precision(requested, facts):
@@ -127,6 +132,22 @@ def precision_warning(precision, facts):
     if precision == "bf16" and facts.device_type == "cpu" and not facts.cpu_bf16:
         return "this CPU has no bf16 kernels (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"
     return None
+
+
+def compile_problem(facts):
+    """Why torch.compile cannot run here, or None: Triton, which compiles for GPUs, needs compute
+    capability 7.0 (a P100 or GTX 10xx fails in the first step)."""
+    if facts.device_type == "cuda" and facts.capability < (7, 0):
+        major, minor = facts.capability
+        return (f"--compile needs a GPU of compute capability 7.0 or above (Triton); this one has {major}.{minor}: "
+                f"train without --compile")
+    return None
+
+
+def fused_optimizer(device_type):
+    """CUDA has a fused SGD kernel, which also lets the fp16 grad scaler skip its per-step CPU-GPU sync
+    (GradScaler.step reads found_inf with .item() for unfused optimizers)."""
+    return device_type == "cuda"
 
 
 def uses_grad_scaler(precision):
@@ -190,28 +211,60 @@ def _attribute(owner, name):
     return (lambda: getattr(owner, name)), (lambda value: setattr(owner, name, value))
 
 
+def _deterministic():
+    def get():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    def set_(value):
+        enabled, warn_only = value if isinstance(value, tuple) else (value, False)
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    return get, set_
+
+
 # name -> (read, write) of every process-wide switch that backend_settings may change.
 SETTINGS = {
-    "deterministic_algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    "deterministic_algorithms": _deterministic(),
     "cublas_workspace_config": _environment_variable("CUBLAS_WORKSPACE_CONFIG"),
     "cudnn_benchmark": _attribute(torch.backends.cudnn, "benchmark"),
     "matmul_tf32": _attribute(torch.backends.cuda.matmul, "allow_tf32"),
     "cudnn_tf32": _attribute(torch.backends.cudnn, "allow_tf32"),
 }
+# The newer API behind the TF32 flags: setting allow_tf32 changes these, so they are put back too (last).
+PRECISION_SETTINGS = {
+    "matmul_fp32_precision": _attribute(torch.backends.cuda.matmul, "fp32_precision"),
+    "cudnn_conv_fp32_precision": _attribute(torch.backends.cudnn.conv, "fp32_precision"),
+    "cudnn_rnn_fp32_precision": _attribute(torch.backends.cudnn.rnn, "fp32_precision"),
+}
+
+
+def _read(table, names):
+    """The current values of `names`; one that cannot be read is left out. Once a program has used the
+    newer fp32_precision API, torch refuses to read the legacy allow_tf32 flags: the program chose its
+    own precision, and the run leaves it alone."""
+    values = {}
+    for name in names:
+        try:
+            values[name] = table[name][0]()
+        except RuntimeError:
+            pass
+    return values
 
 
 @contextlib.contextmanager
 def applied(settings):
     """Apply process-wide settings inside the block and put back what was there on leaving: a run may
     live inside a notebook or a test, which must not inherit them."""
-    before = {name: SETTINGS[name][0]() for name in settings}
+    before = _read(SETTINGS, settings)
+    precisions = _read(PRECISION_SETTINGS, PRECISION_SETTINGS)
     try:
-        for name, value in settings.items():
-            SETTINGS[name][1](value)
+        for name in before:
+            SETTINGS[name][1](settings[name])
         yield
     finally:
         for name, value in before.items():
             SETTINGS[name][1](value)
+        for name, value in precisions.items():
+            PRECISION_SETTINGS[name][1](value)
 
 
 def dataset_in_shared_memory(start_method):
@@ -232,8 +285,8 @@ def fit_prefetch(free_bytes, workers, batch_bytes, dataset_bytes=0, wanted=4):
     prefetch = min(wanted, budget // (workers * batch_bytes)) if budget > 0 else 0
     if prefetch < 1:
         needed = 2 * (dataset_bytes + workers * batch_bytes)
-        raise DeviceError(f"/dev/shm has {free_bytes / 1e6:.0f} MB free, but {workers} DataLoader workers need "
-                          f"about {needed / 1e6:.0f} MB of shared memory; give the container more (docker run "
+        raise DeviceError(f"/dev/shm has {free_bytes / 1e6:.1f} MB free, but {workers} DataLoader workers need "
+                          f"about {needed / 1e6:.1f} MB of shared memory; give the container more (docker run "
                           f"--shm-size 1g) or use fewer --workers (0 uses none)")
     return int(prefetch)
 

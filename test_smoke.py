@@ -772,6 +772,43 @@ def test_training_leaves_process_settings_as_found(data_dir, tmp_path, monkeypat
     assert process_settings() == before
 
 
+def test_a_programs_own_precision_settings_survive_a_run(monkeypatch):
+    # A notebook that chose TF32 with the newer API (torch refuses to read the legacy flags after that)
+    # and deterministic algorithms in warn-only mode gets both back as they were.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with devices.applied(devices.backend_settings("cuda", deterministic=True)):
+            assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_compile_and_fused_sgd_by_gpu():
+    assert "7.0" in devices.compile_problem(devices.Facts("cuda", (6, 1)))  # P100, GTX 10xx: no Triton
+    assert devices.compile_problem(devices.Facts("cuda", (7, 5))) is None
+    assert devices.compile_problem(devices.Facts("cpu")) is None
+    assert devices.fused_optimizer("cuda") and not devices.fused_optimizer("cpu")
+
+
+def test_asking_the_start_method_does_not_fix_it():
+    code = ("import multiprocessing, devices; devices.worker_start_method(); "
+            "assert multiprocessing.get_start_method(allow_none=True) is None")
+    assert subprocess.run([sys.executable, "-c", code], cwd=HERE).returncode == 0
+
+
+def test_model_inputs_have_one_layout_whatever_the_source():
+    # Test images are permuted views; a padded last batch is a fresh tensor: the model sees one layout.
+    images = augment.to_tensor(coloured_images(10, 0)[0])
+    for channels_last in (True, False):
+        args = train.build_parser().parse_args([] if channels_last else ["--no-channels-last"])
+        runner = train.StepRunner(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
+                                  augment.CIFAR10_STD, steps_per_epoch=1)
+        assert runner.inputs(images[:8]).stride() == runner.inputs(train.padded(images[8:], 8)).stride()
+
+
 @pytest.mark.parametrize("free_mb, workers, expected", [
     (8000, 16, 4),    # a normal machine
     (64, 16, 1),      # Docker's default --shm-size: 16 workers with 1 batch each fit in half of it
@@ -787,7 +824,15 @@ def test_prefetch_fits_shared_memory(free_mb, workers, expected):
 def test_too_little_shared_memory_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(devices.DeviceError):
         devices.fit_prefetch(200 * 10**6, 4, 10**6, dataset_bytes=150 * 10**6)  # spawn: the dataset counts
+    images, labels = coloured_images(64, 0)
+    args = train.build_parser().parse_args(["--batch-size", "32"])
+    monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 2 * 2 * 32 * 3080)  # 2 uint8 batches in half
+    train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1)  # uint8 fits
+    with pytest.raises(devices.DeviceError):  # float32 batches, 4x the bytes, do not
+        train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1,
+                                normalize_std=augment.CIFAR10_STD)
     monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 100_000)
+    capsys.readouterr()
     code, err = run_main(train, tiny_args(data_dir, tmp_path, "--workers", "1"), capsys)
     assert code == 2 and "--shm-size" in err and "--workers" in err and len(error_lines(err)) == 1, err
 
@@ -1155,6 +1200,27 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
     log = json.loads((out / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and "confusion_matrix" in log
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_path, monkeypatch):
+    # Say the GPU runs out of memory in epoch 2's evaluation while epoch 1's files are being written:
+    # the error must not release the folder's lock before those files are complete.
+    failed = threading.Event()
+    evaluate = train.evaluate
+
+    def out_of_memory_in_epoch_2(runner, *args, **kwargs):
+        if runner.scheduler.last_epoch > 2:
+            failed.set()
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return evaluate(runner, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", out_of_memory_in_epoch_2)
+    monkeypatch.setattr(train, "pause_for_tests", lambda: failed.wait(timeout=30))  # writes finish after it
+    with pytest.raises(RuntimeError, match="simulated"):
+        train.main(tiny_args(data_dir, tmp_path))
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
 
 
 def test_a_stop_after_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypatch, capsys):

@@ -271,6 +271,9 @@ def resolve_device(args):
     warning = devices.precision_warning(precision, facts)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    problem = devices.compile_problem(facts) if args.compile else None
+    if problem:
+        raise UsageError(problem)
     return device, precision
 
 
@@ -324,13 +327,15 @@ def make_train_loader(images, labels, args, mean, device, workers, normalize_std
     """
     start_method = start_method or devices.worker_start_method()
     shared = workers > 0 and devices.dataset_in_shared_memory(start_method)
+    # Measured before the dataset moves into shared memory, which takes its own part of /dev/shm.
+    pixel_bytes = 1 if normalize_std is None else 4  # uint8, or float32 normalized in the workers
+    batch_bytes = args.batch_size * (images[0].size * pixel_bytes + labels[:1].nbytes)
+    prefetch = devices.fit_prefetch(devices.free_shared_memory(), workers, batch_bytes,
+                                    dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
     dataset = augment.AugmentedImages(images, labels, augment.train_transform(
         mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),
         shared=shared)
     sampler = augment.SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed)
-    batch_bytes = args.batch_size * (images[0].nbytes + labels[:1].nbytes)
-    prefetch = devices.fit_prefetch(devices.free_shared_memory(), workers, batch_bytes,
-                                    dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
     if 0 < prefetch < 4 and workers:
         print(f"note: /dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4",
               file=sys.stderr)
@@ -344,9 +349,10 @@ def make_train_loader(images, labels, args, mean, device, workers, normalize_std
 
 # ----------------------------------------------------------------------------- model and optimiser
 
-def make_optimizer(model, args):
+def make_optimizer(model, args, device):
     return torch.optim.SGD(model.parameters(), lr=derived_lr(args), momentum=args.momentum,
-                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay,
+                           fused=devices.fused_optimizer(device.type) or None)
 
 
 def make_scheduler(optimizer, args, steps_per_epoch):
@@ -369,7 +375,7 @@ class StepRunner:
         self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
         self.channels_last = args.channels_last
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        self.optimizer = make_optimizer(model, args)
+        self.optimizer = make_optimizer(model, args, device)
         self.scheduler = make_scheduler(self.optimizer, args, steps_per_epoch)
         self.per_step_schedule = args.schedule == "onecycle"
         self.scaler = torch.amp.GradScaler(device.type, enabled=devices.uses_grad_scaler(precision))
@@ -377,8 +383,10 @@ class StepRunner:
         self.forward = torch.compile(model) if args.compile else model
 
     def inputs(self, images):
-        x = augment.normalize(images, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # One memory layout whatever the source's strides (test images are permuted views, a padded
+        # batch is not): a compiled model would compile again for another one.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return augment.normalize(images, self.mean, self.std).contiguous(memory_format=layout)
 
     def __call__(self, images, labels):
         """Returns the detached loss and logits (device tensors: reading them is a sync point)."""
@@ -960,6 +968,12 @@ class Run:
                      f"python train.py --resume {os.path.abspath(paths[LAST_NAME])}" if done else
                      "no epoch was completed, nothing was saved")
             raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
+        except BaseException:
+            # Any other failure (a CUDA out-of-memory error, say): the write in progress finishes before
+            # the lock goes, or a next run could take the folder while a file is half-written.
+            with contextlib.suppress(Exception):
+                self.writer.wait()
+            raise
         if stop.signal is not None:
             print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
         summary = summarize(self.history, self.best_key)
@@ -1039,6 +1053,8 @@ def measure_full_loop(args, precision, device, workers, steps):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20, "GPU memory held by the Metal driver (at the end)"
     import resource
     return devices.peak_resident_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), "resident memory, main process"
 
