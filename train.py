@@ -1,7 +1,7 @@
 """Train ResNet18 (CIFAR variant) on CIFAR-10 with albumentations augmentation.
 
     python train.py --epochs 50                                        # the default recipe, on a GPU
-    python train.py --epochs 2 --train-subset 2000 --device cpu        # a quick check on a CPU
+    python train.py --epochs 2 --train-subset 2000 --test-subset 1000 --device cpu   # a quick check on a CPU
     python train.py --resume last.pt                                   # continue a stopped run
     python train.py --benchmark                                        # where the time goes (no download)
 
