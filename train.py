@@ -162,10 +162,8 @@ def build_parser():
     out.add_argument("--overwrite", action="store_true",
                      help="replace the files of another run found in --out-dir (refused without it)")
     out.add_argument("--resume", metavar="PATH", default=None,
-                     help=f"continue the run saved in this {LAST_NAME}; the recipe comes from it, while "
-                          "--device, --precision, --no-channels-last, --compile, --workers, --data-dir, "
-                          "--no-download and --out-dir come from the command line (a run may go on on "
-                          "another machine)")
+                     help=f"continue the run saved in this {LAST_NAME}: the recipe comes from it, the "
+                          "machine's flags from the command line (see 'resume:' below)")
     out.add_argument("--benchmark", action="store_true",
                      help="measure the input pipeline, the model step and the full loop on synthetic "
                           "data, print a table and write benchmark.json; trains nothing")
@@ -337,8 +335,7 @@ def make_train_loader(images, labels, args, mean, device, workers, normalize_std
         shared=shared)
     sampler = augment.SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed)
     if 0 < prefetch < 4 and workers:
-        print(f"note: /dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4",
-              file=sys.stderr)
+        note(f"/dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=devices.pin_memory(device.type),
         persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
