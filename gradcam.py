@@ -433,8 +433,9 @@ def explain(args):
         save_maps(args.save_npy, maps)
         lines.append(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
     if checkpoint.get("data", {}).get("official") is False:
-        lines.append(f"note: {args.checkpoint} was trained on files that are not the official "
-                     f"{checkpoint.get('dataset', 'CIFAR')} (its log's accuracies are held-out, not test accuracies)")
+        dataset = augment.DATASETS.get(checkpoint.get("dataset"), augment.CIFAR10).title
+        lines.append(f"note: {args.checkpoint} was trained on files that are not the official {dataset} "
+                     f"(its log's accuracies are held-out, not test accuracies)")
     return lines
 
 

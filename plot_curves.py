@@ -65,10 +65,10 @@ def evaluated_on(log):
     """What the log's "test" accuracies were measured on, in words: train.py records whether the files
     matched the official checksums and whether --test-subset was used."""
     data = log.get("data") or {}
-    name = "held-out images, not the official test set" if data.get("official") is False else "test set"
+    held_out = data.get("official") is False
     if data.get("test_subset"):
-        name = f"{data['test_images']} images of the {'test set' if data.get('official') else name}"
-    return name
+        return f"{data['test_images']} {'held-out images, not the official test set' if held_out else 'test images'}"
+    return "held-out images, not the official test set" if held_out else "test set"
 
 
 def accuracy_name(log):
@@ -131,22 +131,22 @@ def curves_figure(logs, labels, summaries):
         colour = f"C{index}"
         epochs = [r["epoch"] for r in log["epochs"]]
 
-        marker = "o" if len(epochs) < 2 else None  # a single point draws no line
+        single = len(epochs) < 2  # a single point draws no line: markers, one shape per series, instead
 
-        def plot(axis, key, style, name, scale=1.0):
+        def plot(axis, key, style, marker, name, scale=1.0):
             if all(key in r for r in log["epochs"]):
-                axis.plot(epochs, [scale * r[key] for r in log["epochs"]], style, color=colour, marker=marker,
-                          label=f"{label} {name}" if len(logs) > 1 else name)
+                axis.plot(epochs, [scale * r[key] for r in log["epochs"]], style, color=colour,
+                          marker=marker if single else None, label=f"{label} {name}" if len(logs) > 1 else name)
 
         tested = s["accuracy_name"]
-        plot(loss_axis, "train_loss", "-", "train")
-        plot(loss_axis, "val_loss", ":", "validation")
-        plot(loss_axis, "test_loss", "--", tested)
-        plot(acc_axis, "train_acc", "-", "train", 100)
-        plot(acc_axis, "val_acc", ":", "validation", 100)
-        plot(acc_axis, "test_acc", "--", tested, 100)
-        plot(acc_axis, "test_acc_tta", "-.", f"{tested}, flip TTA", 100)
-        plot(lr_axis, "lr", "-", "learning rate")
+        plot(loss_axis, "train_loss", "-", "o", "train")
+        plot(loss_axis, "val_loss", ":", "D", "validation")
+        plot(loss_axis, "test_loss", "--", "s", tested)
+        plot(acc_axis, "train_acc", "-", "o", "train", 100)
+        plot(acc_axis, "val_acc", ":", "D", "validation", 100)
+        plot(acc_axis, "test_acc", "--", "s", tested, 100)
+        plot(acc_axis, "test_acc_tta", "-.", "^", f"{tested}, flip TTA", 100)
+        plot(lr_axis, "lr", "-", "o", "learning rate")
         acc_axis.plot([s["best_test_acc_epoch"]], [100 * s["best_test_acc"]], "*", color=colour, markersize=12,
                       label=f"best {tested} ({100 * s['best_test_acc']:.2f}%)" if len(logs) == 1 else None)
     loss_axis.set(title="loss (training criterion)", xlabel="epoch", ylabel="loss", yscale="log")
@@ -158,6 +158,7 @@ def curves_figure(logs, labels, summaries):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if last_epoch < 3:  # matplotlib would spread one or two epochs over fractions
             axis.set_xlim(0.5, last_epoch + 0.5)
+            axis.set_xticks(range(1, last_epoch + 1))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     if len(logs) == 1:

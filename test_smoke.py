@@ -526,7 +526,7 @@ def test_plot_of_one_epoch_has_markers_and_whole_epochs(trained_run, tmp_path):
     log["epochs"] = log["epochs"][:1]
     figure = plot_curves.curves_figure([log], ["one"], [plot_curves.summary(log)])
     for axis in figure.axes:
-        assert axis.get_xlim() == (0.5, 1.5)
+        assert axis.get_xlim() == (0.5, 1.5) and list(axis.get_xticks()) == [1]
         assert all(line.get_marker() not in (None, "None", "") for line in axis.get_lines())
 
 
