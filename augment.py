@@ -255,15 +255,19 @@ class AugmentedImages(torch.utils.data.Dataset):
 class SeededBatchSampler:
     """Shuffled batches of indices, each with its own augmentation seed, both fixed by (seed, epoch, batch).
 
+    Under torchrun each of `world_size` processes takes its `rank`'s share of every global batch of
+    `batch_size` (which the caller has checked divides evenly), with an augmentation seed of its own: the
+    same seed would draw the same crops for the same positions of every rank's share.
     Call set_epoch(epoch) before each epoch, as with DistributedSampler.
     """
 
-    def __init__(self, size, batch_size, seed, shuffle=True, drop_last=True):
+    def __init__(self, size, batch_size, seed, shuffle=True, drop_last=True, rank=0, world_size=1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.shuffle = shuffle
         # Dropping a ragged last batch keeps batch statistics sound and shapes static (torch.compile),
         # unless there would be no batch at all.
         self.drop_last = drop_last and size >= batch_size
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -276,8 +280,12 @@ class SeededBatchSampler:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle
                  else np.arange(self.size))
         for batch in range(len(self)):
-            indices = order[batch * self.batch_size:(batch + 1) * self.batch_size].tolist()
-            yield [self.seed, self.epoch, batch], indices
+            indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            if self.world_size == 1:
+                yield [self.seed, self.epoch, batch], indices.tolist()
+            else:  # consecutive equal shares (a ragged last batch, without drop_last, as even as it goes)
+                mine = np.array_split(indices, self.world_size)[self.rank]
+                yield [self.seed, self.epoch, batch, self.rank], mine.tolist()
 
 
 def balanced_subset(labels, count, seed=0):

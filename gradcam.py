@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import augment
 import cli
 import devices
+import files
 from resnet import CheckpointError, model_from_checkpoint, read_checkpoint
 
 METHODS = ("gradcam", "gradcam++")
@@ -275,14 +276,9 @@ def model_input(images, checkpoint, device):
 
 def write_atomically(path, data):
     """A reader sees the old file or the whole new one, never a part of a picture or an array."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        files.atomic_write(path, data)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise UsageError(f"cannot write {path} ({error.strerror})") from None
 
 

@@ -7,7 +7,6 @@ Several logs are overlaid in one picture, one colour per run. For a single finis
 shows its confusion matrix and per-class accuracy (--no-confusion skips it). A log of a run still in
 progress plots the epochs it has. Needs only the JSON log: no torch, it starts fast.
 """
-import contextlib
 import io
 import json
 import math
@@ -15,6 +14,7 @@ import os
 import sys
 
 import cli
+import files
 
 LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this; a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
@@ -202,14 +202,9 @@ def save_figure(figure, path):
     """Atomically: a reader sees the old picture or the whole new one, never a part."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
+        files.atomic_write(path, buffer.getvalue())
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise UsageError(f"cannot write {path} ({error.strerror}); choose another --out") from None
 
 

@@ -20,6 +20,9 @@ import pytest
 import torch
 
 import augment
+import benchmark
+import engine
+import files
 import resnet
 import train
 
@@ -516,7 +519,7 @@ def test_balanced_subset_is_fixed_and_even():
 
 
 def test_evaluation_shows_a_progress_bar_at_a_terminal(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "show_progress", lambda: True)
+    monkeypatch.setattr(engine, "show_progress", lambda world=None: True)
     assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0
     assert "epoch 1 test" in capsys.readouterr().err
 
@@ -575,7 +578,7 @@ def test_first_hour_messages(data_dir, tmp_path, capsys):
     code, err = run_main(train, ["--no-such-flag"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
     help_text = train.build_parser().format_help()
-    for words in ("examples:", "python train.py --resume last.pt", "--overwrite", "--data-dir\n  and --no-download keep"):
+    for words in ("examples:", "python train.py --resume last.pt", "--overwrite", "--no-download keep"):
         assert words in help_text, words
 
 
@@ -669,7 +672,7 @@ def test_checkpoint_of_a_gpu_run_holds_cpu_tensors(monkeypatch):
     data = augment.ImageData(None, None, None, None, CLASSES, augment.CIFAR10_MEAN, augment.CIFAR10_STD, True)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
         model = resnet.resnet18()
-        runner = train.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
+        runner = engine.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=10)
         for parameter in model.parameters():  # what SGD's first step creates
             runner.optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
@@ -734,7 +737,7 @@ def test_gpu_clocks_and_copies_by_device():
     assert devices.copy_non_blocking(True) and not devices.copy_non_blocking(False)
     images, labels = coloured_images(64, 0)
     args = train.build_parser().parse_args(["--batch-size", "32"])
-    loader, _ = train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("mps"), 0)
+    loader, _ = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("mps"), 0)
     assert not loader.pin_memory
 
 
@@ -804,9 +807,9 @@ def test_model_inputs_have_one_layout_whatever_the_source():
     images = augment.to_tensor(coloured_images(10, 0)[0])
     for channels_last in (True, False):
         args = train.build_parser().parse_args([] if channels_last else ["--no-channels-last"])
-        runner = train.StepRunner(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
+        runner = engine.StepRunner(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=1)
-        assert runner.inputs(images[:8]).stride() == runner.inputs(train.padded(images[8:], 8)).stride()
+        assert runner.inputs(images[:8]).stride() == runner.inputs(engine.padded(images[8:], 8)).stride()
 
 
 @pytest.mark.parametrize("free_mb, workers, expected", [
@@ -827,9 +830,9 @@ def test_too_little_shared_memory_is_one_line(data_dir, tmp_path, monkeypatch, c
     images, labels = coloured_images(64, 0)
     args = train.build_parser().parse_args(["--batch-size", "32"])
     monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 2 * 2 * 32 * 3080)  # 2 uint8 batches in half
-    train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1)  # uint8 fits
+    engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1)  # uint8 fits
     with pytest.raises(devices.DeviceError):  # float32 batches, 4x the bytes, do not
-        train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1,
+        engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1,
                                 normalize_std=augment.CIFAR10_STD)
     monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 100_000)
     capsys.readouterr()
@@ -846,7 +849,7 @@ def test_spawned_workers_share_the_dataset_and_draw_the_same_batches():
     args = train.build_parser().parse_args(["--batch-size", "32"])
     batches = {}
     for workers, method in ((0, None), (2, "spawn")):
-        loader, sampler = train.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"),
+        loader, sampler = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"),
                                                   workers, start_method=method)
         sampler.set_epoch(1)
         batches[method] = [(x, y) for x, y in loader]
@@ -1206,7 +1209,7 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
     # Say the GPU runs out of memory in epoch 2's evaluation while epoch 1's files are being written:
     # the error must not release the folder's lock before those files are complete.
     failed = threading.Event()
-    evaluate = train.evaluate
+    evaluate = engine.evaluate
 
     def out_of_memory_in_epoch_2(runner, *args, **kwargs):
         if runner.scheduler.last_epoch > 2:
@@ -1214,8 +1217,8 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
             raise RuntimeError("CUDA out of memory (simulated)")
         return evaluate(runner, *args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", out_of_memory_in_epoch_2)
-    monkeypatch.setattr(train, "pause_for_tests", lambda: failed.wait(timeout=30))  # writes finish after it
+    monkeypatch.setattr(engine, "evaluate", out_of_memory_in_epoch_2)
+    monkeypatch.setattr(files, "pause_for_tests", lambda: failed.wait(timeout=30))  # writes finish after it
     with pytest.raises(RuntimeError, match="simulated"):
         train.main(tiny_args(data_dir, tmp_path))
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
@@ -1226,14 +1229,14 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
 def test_a_stop_after_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypatch, capsys):
     # Ctrl-C during the last epoch's evaluation: no step is left to stop after, so the run finishes,
     # saves, says so, and exits 0; the message printed at the signal said this would happen.
-    evaluate = train.evaluate
+    evaluate = engine.evaluate
 
     def interrupted_evaluation(runner, *args, **kwargs):
         if runner.scheduler.last_epoch == runner.scheduler.total_steps:  # after the last step
             os.kill(os.getpid(), signal.SIGINT)
         return evaluate(runner, *args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", interrupted_evaluation)
+    monkeypatch.setattr(engine, "evaluate", interrupted_evaluation)
     assert train.main(tiny_args(data_dir, tmp_path)) == 0
     out, err = capsys.readouterr()
     assert "once the last step is done, the run finishes" in err
@@ -1249,7 +1252,7 @@ def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, mo
         if len(writes) > 2:  # epoch 1 wrote last.pt and log.json; the next write finds the disk full
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train, "pause_for_tests", disk_full_on_second_epoch)
+    monkeypatch.setattr(files, "pause_for_tests", disk_full_on_second_epoch)
     code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
     assert code == 1 and "the disk is full" in err and len(error_lines(err)) == 1, err
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
@@ -1262,7 +1265,7 @@ def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, m
     # Every file write waits (inside the write) until epoch 2 has started training: a write on the
     # training path would wait in vain. The kill and full-disk tests above show the guarantees hold.
     second_epoch_started = threading.Event()
-    train_one_epoch = train.train_one_epoch
+    train_one_epoch = engine.train_one_epoch
 
     def note_the_start(runner, loader, epoch, *args, **kwargs):
         if epoch == 2:
@@ -1270,8 +1273,8 @@ def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, m
         return train_one_epoch(runner, loader, epoch, *args, **kwargs)
 
     overlapped = []
-    monkeypatch.setattr(train, "train_one_epoch", note_the_start)
-    monkeypatch.setattr(train, "pause_for_tests", lambda: overlapped.append(second_epoch_started.wait(timeout=30)))
+    monkeypatch.setattr(engine, "train_one_epoch", note_the_start)
+    monkeypatch.setattr(files, "pause_for_tests", lambda: overlapped.append(second_epoch_started.wait(timeout=30)))
     assert train.main(tiny_args(data_dir, tmp_path)) == 0
     assert overlapped and all(overlapped), overlapped
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
@@ -1305,7 +1308,7 @@ def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, trained_run, tmp
 
 def test_second_run_on_the_same_folder_refuses(data_dir, tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import train, time; lock = train.RunLock({str(tmp_path)!r}); lock.__enter__(); "
+        [sys.executable, "-c", f"import files, time; lock = files.RunLock({str(tmp_path)!r}, '.train.lock', 'busy'); lock.__enter__(); "
                                f"print('locked', flush=True); time.sleep(60)"],
         cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -1338,23 +1341,22 @@ def mmapped_bytes_of_a_64mib_tensor(libc):
 
 
 def test_heap_reuse_holds_inside_the_run_only():
-    libc = train.glibc()
-    with train.freed_memory_kept_in_heap(True) as applied:
+    libc = engine.glibc()
+    with engine.freed_memory_kept_in_heap(True) as applied:
         assert applied == (libc is not None) == (platform.libc_ver()[0] == "glibc")
         inside = mmapped_bytes_of_a_64mib_tensor(libc) if applied else None
     if applied:
         assert inside == 0
         assert mmapped_bytes_of_a_64mib_tensor(libc) >= 2**26  # glibc's defaults are back
-    with train.freed_memory_kept_in_heap(False) as applied:
+    with engine.freed_memory_kept_in_heap(False) as applied:
         assert not applied
 
 
 def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
-    # --epochs 1: the benchmark runs two epochs of its own, whatever the run's length would be.
-    argv = ["--benchmark", "--device", "cpu", "--batch-size", "8", "--benchmark-steps", "2", "--workers", "1",
-            "--epochs", "1", "--deterministic", "--out-dir", str(tmp_path)]
+    argv = ["--device", "cpu", "--batch-size", "8", "--steps", "2", "--workers", "1", "--deterministic",
+            "--out-dir", str(tmp_path)]
     before = process_settings()
-    assert train.main(argv) == 0
+    assert benchmark.main(argv) == 0
     assert process_settings() == before
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "benchmark.json").read_text())

@@ -1,0 +1,270 @@
+"""Where the training time goes, on synthetic CIFAR-size images (no download): the input pipeline, the
+model step and the full loop of train.py, each in images per second, and the speedup over the seed
+project's settings, all measured in the same run. Prints a table and writes benchmark.json.
+
+    python benchmark.py                                        # 3 timed steps a row on a CPU, 100 on a GPU
+    python benchmark.py --device cpu --batch-size 128 --steps 5
+    torchrun --standalone --nproc_per_node 8 benchmark.py      # adds the gradient all-reduce and scaling
+
+Under torchrun --batch-size is the global batch, as in train.py; the table then adds the step under
+DistributedDataParallel, the gradient all-reduce alone, and the scaling efficiency (the N processes'
+images/s over N times one process's, at the same batch per process).
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import augment
+import cli
+import devices
+import engine
+import files
+from resnet import resnet18
+
+# The seed project's loop: batch 64, fp32, NCHW, 4 workers; the baseline of the speedup.
+SEED_SETTINGS = {"batch_size": 64, "precision": "fp32", "channels_last": False, "workers": 4, "compile": False}
+
+
+class UsageError(Exception):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+def build_parser():
+    parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
+    parser.add_argument("--precision", choices=devices.PRECISIONS, default="auto",
+                        help=f"autocast precision; {devices.PRECISION_HELP} (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=engine.RECIPES["default"]["batch_size"],
+                        help="images per step; under torchrun the global batch (default: %(default)s)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep the NCHW memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (default: CPU count, at most 16, shared by torchrun's processes)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="timed steps per row (default: 3 on a CPU, about 100 s on 2 cores; 100 on a GPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and weights (default: 0)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    parser.add_argument("--out-dir", default=".", help="where benchmark.json goes (default: the current folder)")
+    return parser
+
+
+def check_args(args, world):
+    for name in ("batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must not be negative (got {args.workers})")
+    if args.batch_size % world.size:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch and does not divide among "
+                         f"{world.size} processes; give a multiple of {world.size}")
+
+
+def run_args(args, **changes):
+    """What the engine reads: the default recipe, this command line's machine settings, 2 epochs."""
+    settings = dict(engine.RECIPES["default"], epochs=2, sync_bn=False)
+    settings.update({k: v for k, v in vars(args).items()}, **changes)
+    return argparse.Namespace(**settings)
+
+
+def synthetic_images(count, seed=0):
+    """Random uint8 images of CIFAR's size and random labels: the benchmark needs no download."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, count)
+
+
+def measure_pipeline(args, device, workers, batches, world, normalize_in_workers=False):
+    """Augmentation + DataLoader + host-to-device copy alone: about `batches` batches, timed after one
+    warm-up pass (workers started). The synthetic images are at most 100 batches (157 MB at batch 512),
+    passed over several times when more batches are wanted, rather than 1.6 GB for a GPU's 1,000.
+
+    normalize_in_workers: float32 batches normalized by albumentations, instead of uint8 batches that
+    the device normalizes: 4x the bytes through the worker queues and the copy.
+    """
+    pool = min(batches, 100)
+    images, labels = synthetic_images(args.batch_size * pool)
+    loader, sampler = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, device, workers,
+                                               augment.CIFAR10_STD if normalize_in_workers else None, world=world)
+    non_blocking, synchronize = devices.copy_non_blocking(loader.pin_memory), devices.synchronizer(device.type)
+
+    def one_pass(epoch):
+        sampler.set_epoch(epoch)
+        return sum(len(batch.to(device, non_blocking=non_blocking)) for batch, _ in loader)
+
+    one_pass(0)  # warm-up
+    synchronize()
+    start = time.perf_counter()
+    seen = sum(one_pass(epoch) for epoch in range(1, -(-batches // pool) + 1))
+    synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def measure_step(args, precision, device, steps, world):
+    """Forward, backward and optimizer step on one batch already on the device (this process's share of
+    the global batch); with a launched `world`, under DistributedDataParallel."""
+    runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
+                               augment.CIFAR10_STD, steps_per_epoch=10 * steps, world=world)
+    images, labels = synthetic_images(world.per_rank(args.batch_size), seed=world.rank)
+    images, labels = augment.to_tensor(images).contiguous().to(device), torch.from_numpy(labels).to(device)
+    synchronize = devices.synchronizer(device.type)
+    for _ in range(2):  # warm-up: kernel selection, compilation, the heap's growth
+        runner(images, labels)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner(images, labels)
+    synchronize()
+    return steps * len(labels) / (time.perf_counter() - start)
+
+
+def measure_all_reduce(device, steps, world):
+    """Seconds for one all-reduce of the gradients' bytes (ResNet18's 11.2 million float32 values) alone.
+    DistributedDataParallel overlaps it with the backward pass in 25 MB buckets: this is its full cost."""
+    flat = torch.zeros(sum(p.numel() for p in resnet18().parameters()), device=device)
+    synchronize = devices.synchronizer(device.type)
+    for _ in range(2):
+        torch.distributed.all_reduce(flat)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        torch.distributed.all_reduce(flat)
+    synchronize()
+    return (time.perf_counter() - start) / steps, flat.numel() * flat.element_size()
+
+
+def measure_full_loop(args, precision, device, workers, steps, world):
+    """The real training loop (engine.train_one_epoch) over `steps` batches; the second of two epochs is timed."""
+    images, labels = synthetic_images(args.batch_size * steps)
+    loader, sampler = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, device, workers,
+                                               world=world)
+    runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
+                               augment.CIFAR10_STD, steps_per_epoch=len(loader), world=world)
+    with engine.StopFlag(world) as stop:
+        for epoch in (1, 2):
+            sampler.set_epoch(epoch)
+            stats = engine.train_one_epoch(runner, loader, epoch, 2, stop, bar_enabled=False)
+    return stats["images_per_s"]
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20, "GPU memory held by the Metal driver (at the end)"
+    import resource
+    return devices.peak_resident_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), "resident memory, main process"
+
+
+def measure_all(args, device, precision, workers, world):
+    """Every row of the benchmark, in one run, so that the ratios compare like with like."""
+    torch.manual_seed(args.seed)
+    steps = args.steps or (3 if device.type == "cpu" else 100)
+    run = run_args(args)
+    seed_run = run_args(args, **SEED_SETTINGS)
+    alone = engine.World()  # one process's view, without collectives
+    print(f"benchmark on {devices.device_name(device)}: batch {args.batch_size}"
+          f"{f' ({world.size} processes of {world.per_rank(args.batch_size)})' if world.launched else ''}, "
+          f"{precision}, {'channels_last' if args.channels_last else 'NCHW'}, {workers} workers, "
+          f"{steps} timed steps each")
+    # The pipeline is cheap to measure, so it gets 10x the batches: less noise.
+    pipeline = measure_pipeline(run, device, workers, 10 * steps, world)
+    pipeline_float = measure_pipeline(run, device, workers, 10 * steps, world, normalize_in_workers=True)
+    # The step with glibc's default allocator too, as the baseline of heap reuse.
+    tune_heap = device.type == "cpu" and engine.glibc() is not None
+    step_default_heap = measure_step(run, precision, device, steps, alone) if tune_heap else None
+    result = {}
+    with engine.freed_memory_kept_in_heap(tune_heap) as heap_reuse:
+        step = measure_step(run, precision, device, steps, alone)
+        if world.launched:
+            result.update(distributed_rows(run, precision, device, steps, world, step))
+        full = measure_full_loop(run, precision, device, workers, steps, world)
+        with warnings.catch_warnings():  # 4 workers on a 2-core machine draw a warning: the seed used 4
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            seed = measure_full_loop(seed_run, "fp32", device, SEED_SETTINGS["workers"], steps, world)
+    memory, memory_kind = peak_memory_mb(device)
+    # The loop's rate counts every process's images; the pipeline and the step are one process's.
+    step_per_process = result["ddp_step_images_per_s"] / world.size if world.launched else step
+    return {"device": devices.device_name(device), "precision": precision, "batch_size": args.batch_size,
+            "channels_last": args.channels_last, "compile": args.compile, "workers": workers, "steps": steps,
+            "cpu_heap_reuse": heap_reuse, **world.description(), "per_rank_batch": world.per_rank(args.batch_size),
+            "pipeline_images_per_s": pipeline, "pipeline_normalized_in_workers_images_per_s": pipeline_float,
+            "step_images_per_s": step, "step_default_malloc_images_per_s": step_default_heap, **result,
+            "full_loop_images_per_s": full,
+            "efficiency": full / world.size / min(pipeline, step_per_process),
+            "seed_settings_images_per_s": seed, "speedup_over_seed_settings": full / seed,
+            "peak_memory_mb": memory, "peak_memory_kind": memory_kind, "torch": torch.__version__}
+
+
+def distributed_rows(run, precision, device, steps, world, step_alone):
+    """The step under DistributedDataParallel, the gradient all-reduce alone, and the scaling efficiency."""
+    ddp_step = measure_step(run, precision, device, steps, world)
+    all_reduce_seconds, gradient_bytes = measure_all_reduce(device, steps, world)
+    return {"ddp_step_images_per_s": ddp_step * world.size, "all_reduce_ms": 1000 * all_reduce_seconds,
+            "gradient_mb": gradient_bytes / 2**20, "step_ms": 1000 * world.per_rank(run.batch_size) / ddp_step,
+            "scaling_efficiency": ddp_step / step_alone}
+
+
+def benchmark_table(r):
+    size = r["world_size"]
+    per_process = f" (one of {size} processes)" if size > 1 else ""
+    rows = [(f"input pipeline alone (augment + DataLoader + copy){per_process}",
+             f"{r['pipeline_images_per_s']:,.0f} img/s"),
+            ("  the same, normalized to float32 in the workers",
+             f"{r['pipeline_normalized_in_workers_images_per_s']:,.0f} img/s"),
+            (f"model step alone (forward + backward + SGD){per_process}", f"{r['step_images_per_s']:,.0f} img/s"),
+            *([("  the same, glibc's default malloc (no heap reuse)",
+                f"{r['step_default_malloc_images_per_s']:,.0f} img/s")] if r["cpu_heap_reuse"] else []),
+            *([(f"model step, DistributedDataParallel, all {size} processes", f"{r['ddp_step_images_per_s']:,.0f} img/s"),
+               ("  its time per step", f"{r['step_ms']:,.1f} ms"),
+               (f"  gradient all-reduce alone ({r['gradient_mb']:.1f} MiB, {r['backend']})", f"{r['all_reduce_ms']:,.1f} ms"),
+               (f"scaling efficiency: {size}-process step / ({size} x one process's)", f"{r['scaling_efficiency']:.2f}")]
+              if "ddp_step_images_per_s" in r else []),
+            (f"full training loop{f', all {size} processes' if size > 1 else ''}",
+             f"{r['full_loop_images_per_s']:,.0f} img/s"),
+            (f"efficiency: full{' / processes' if size > 1 else ''} / min(pipeline, step)", f"{r['efficiency']:.2f}"),
+            ("seed's settings: batch 64, fp32, NCHW, 4 workers", f"{r['seed_settings_images_per_s']:,.0f} img/s"),
+            ("speedup over the seed's settings", f"{r['speedup_over_seed_settings']:.2f}x"),
+            (f"peak {r['peak_memory_kind']}", f"{r['peak_memory_mb']:,.0f} MiB")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value:>14}" for name, value in rows)
+
+
+def benchmark(args, world):
+    check_args(args, world)
+    index = world.local_rank if world.launched else None
+    device, precision = engine.resolve_device(args.device, args.precision, args.compile, index)
+    workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
+    with engine.processes(world, device) as world, engine.process_settings(device, args.deterministic):
+        result = measure_all(args, device, precision, workers, world)
+    if world.main:
+        print(benchmark_table(result))
+        path = os.path.join(args.out_dir, "benchmark.json")
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            files.write_json(path, result)
+        except OSError as error:
+            raise UsageError(f"cannot write {path} ({error.strerror}); choose another --out-dir") from None
+        print(f"wrote {path}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    world = engine.world_from_environment()
+    try:
+        with engine.quiet_unless(world.main):
+            return benchmark(build_parser().parse_args(argv), world)
+    except (UsageError, devices.DeviceError) as error:
+        if world.main:
+            print(f"benchmark.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The training engine that train.py and benchmark.py share: the recipe's defaults, the data loader, the
+optimisation step, one epoch, evaluation, and the processes of a torchrun launch. It defines things and
+does nothing on import.
+
+    world = engine.world_from_environment()          # one process, or torchrun's RANK/WORLD_SIZE
+    runner = engine.StepRunner(model, args, precision, device, mean, std, steps_per_epoch, world)
+    engine.train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled=True)
+"""
+import contextlib
+import ctypes
+import dataclasses
+import os
+import platform
+import re
+import signal
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+import augment
+import devices
+from resnet import resnet18
+
+# The recipes that --recipe names. "default": published settings, not tuned on any test set (train.py's
+# --help cites them); "seed": the project this started from, with a validation split instead of the test set.
+RECIPES = {
+    "default": {"batch_size": 512, "lr": None, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                "label_smoothing": 0.1, "schedule": "onecycle", "warmup": 0.3, "plateau_patience": 5,
+                "pad_crop": 4, "flip": True, "cutout": 16, "val_split": 0},
+}
+RECIPES["seed"] = dict(RECIPES["default"], batch_size=64, lr=0.01, nesterov=False, weight_decay=0.0,
+                       label_smoothing=0.0, schedule="plateau", pad_crop=0, cutout=0, val_split=5000)
+RECIPES["airbench"] = dict(RECIPES["default"], batch_size=500, lr=0.2, label_smoothing=0.0, cutout=12, warmup=0.2)
+# What the seed project ran on besides its recipe (machine settings: not part of a recipe).
+SEED_MACHINE = {"precision": "fp32", "channels_last": False}
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived; the run stopped at a step boundary."""
+
+
+class ElsewhereFailed(Exception):
+    """Another process of the run failed (and said why); this one stops too."""
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+def derived_lr(args):
+    """Peak lr: the given one, or 0.1 per 128 images (linear scaling rule)."""
+    return args.lr if args.lr is not None else 0.1 * args.batch_size / 128
+
+
+# ----------------------------------------------------------------------------- the processes of a run
+
+@dataclasses.dataclass
+class World:
+    """The processes of one run: a single one, or those torchrun started (RANK, LOCAL_RANK, WORLD_SIZE).
+
+    Everything that differs between ranks is here, so that the loop reads like a single process's:
+    `main` writes files and prints, the batch and the evaluation are split by `rank`, and the few
+    decisions that must be the same everywhere (stop, diverged, failed) go through `any`.
+    """
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    launched: bool = False  # by torchrun: the process group is (to be) started
+    backend: str = None
+    control: object = None  # a gloo group for decisions made on the CPU, whatever the device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def nodes(self):
+        return max(1, self.size // self.local_size)
+
+    def per_rank(self, batch_size):
+        return batch_size // self.size
+
+    def any(self, flag):
+        """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
+        if not self.launched:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        return bool(value.item())
+
+    def add_up(self, *tensors):
+        """The tensors' values (as Python numbers and lists) summed over the ranks, in one collective;
+        counts stay exact (float64 up to 2**53). A single process just reads them (a sync point)."""
+        if not self.launched:
+            return [t.tolist() for t in tensors]
+        packed = torch.cat([t.reshape(-1).double() for t in tensors])
+        torch.distributed.all_reduce(packed)
+        values, totals = packed.tolist(), []
+        for t in tensors:
+            part, values = values[:t.numel()], values[t.numel():]
+            totals.append(part if t.dim() else part[0])
+        return totals
+
+    def minimum(self, tensor):
+        if self.launched:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+        return tensor
+
+    def together(self, job, here=True):
+        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: the failing
+        one with its own error, the others with ElsewhereFailed. No rank waits forever for one that left."""
+        result, error = None, None
+        try:
+            result = job() if here else None
+        except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
+            error = raised
+        if self.any(error is not None):
+            raise error if error is not None else ElsewhereFailed("another process of this run failed (its message says why)")
+        return result
+
+    def wrap(self, model, device):
+        """DistributedDataParallel around `model` under torchrun: it all-reduces the gradients during
+        backward and broadcasts rank 0's BatchNorm statistics at each training forward."""
+        if not self.launched:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def share_buffers(self, model):
+        """Rank 0's BatchNorm statistics everywhere: each rank's last training step updated its own."""
+        if self.launched:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    def resume_command(self, path):
+        if not self.launched:
+            return f"python train.py --resume {path}"
+        if self.nodes == 1:
+            return f"torchrun --standalone --nproc_per_node {self.local_size} train.py --resume {path}"
+        return (f"torchrun --nnodes {self.nodes} --nproc_per_node {self.local_size} --rdzv-backend c10d "
+                f"--rdzv-endpoint HOST:PORT train.py --resume {path}")
+
+    def description(self):
+        return {"world_size": self.size, "nodes": self.nodes, "backend": self.backend}
+
+
+def world_from_environment(environ=None):
+    """The World that torchrun's variables describe, or a single process without them."""
+    environ = os.environ if environ is None else environ
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return World()
+    size = int(environ["WORLD_SIZE"])
+    return World(rank=int(environ["RANK"]), local_rank=int(environ.get("LOCAL_RANK", 0)), size=size,
+                 local_size=int(environ.get("LOCAL_WORLD_SIZE", size)), launched=True)
+
+
+def backend_for(device_type):
+    """nccl between GPUs, gloo between CPU processes; MPS has no collective backend."""
+    if device_type == "cuda":
+        return "nccl"
+    if device_type == "cpu":
+        return "gloo"
+    raise devices.DeviceError(f"torchrun runs on CUDA GPUs (nccl) or on the CPU (gloo), not on {device_type}; "
+                              f"give --device cpu, or run without torchrun")
+
+
+@contextlib.contextmanager
+def processes(world, device):
+    """Start torch.distributed for a torchrun launch (a no-op for a single process) and end it on leaving."""
+    if not world.launched:
+        yield world
+        return
+    backend = backend_for(device.type)
+    torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    try:
+        # Stop and failure decisions are small CPU values: a gloo group carries them without a GPU sync.
+        control = torch.distributed.new_group(backend="gloo") if backend != "gloo" else None
+        yield dataclasses.replace(world, backend=backend, control=control)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def quiet_unless(main):
+    """Ranks other than 0 print nothing (their lines would repeat rank 0's); errors are printed by the caller."""
+    if main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def resolve_device(device_name, precision, compile_model, index=None):
+    """The device and the precision it runs: 'auto' becomes bf16, fp16 or fp32 (devices.py)."""
+    device = devices.pick_device(device_name, index)
+    facts = devices.read_facts(device)
+    chosen = devices.choose_precision(precision, facts)
+    warning = devices.precision_warning(chosen, facts)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    problem = devices.compile_problem(facts) if compile_model else None
+    if problem:
+        raise devices.DeviceError(problem)
+    return device, chosen
+
+
+def process_settings(device, deterministic):
+    """cuDNN autotuning, TF32, deterministic algorithms for this run, put back as they were afterwards."""
+    return devices.applied(devices.backend_settings(device.type, deterministic))
+
+
+def autocast(device, precision):
+    """The autocast context for a precision, or a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# mallopt options from glibc's malloc.h, and the values glibc starts with.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+GLIBC_MALLOC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+
+def glibc():
+    """The C library through ctypes where it is glibc, else None (musl, macOS, Windows)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def freed_memory_kept_in_heap(wanted):
+    """Inside the block, on glibc, every allocation comes from the heap and freed memory stays there;
+    yields whether that took effect.
+
+    A training step on the CPU frees and re-allocates activations of up to 64 MiB each. glibc serves
+    blocks that large with fresh mmap pages, which the kernel faults in and zeroes on every step: 4.7
+    million page faults per two steps at batch 512, measured on a 2-core EPYC; from the heap, 0.6 million
+    (the heap's first growth). `benchmark.py` measures the step both ways. PyTorch's CPU tuning guide gets
+    the same from jemalloc or tcmalloc through LD_PRELOAD; this needs no extra library. On leaving,
+    glibc's default values return and the kept memory goes back to the kernel: main() may run inside a
+    notebook or a test.
+    """
+    libc = glibc() if wanted else None
+    applied = (libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
+               and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)))
+    try:
+        yield applied
+    finally:
+        if libc is not None:
+            for option, value in GLIBC_MALLOC_DEFAULTS.items():
+                libc.mallopt(option, value)
+            libc.malloc_trim(0)
+
+
+def default_workers(processes_on_this_machine=1):
+    """Augmentation costs ~60-180 us per image per core: a GPU needs many workers to keep up (16 suffice).
+    Under torchrun the machine's cores are shared by its processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores // processes_on_this_machine))
+
+
+# ----------------------------------------------------------------------------- data
+
+def ignore_stop_signals_in_worker(_worker_id):
+    # Ctrl-C (and a cluster's SIGTERM) reach the whole process group: only the main process decides how
+    # to stop; workers end with it (DataLoader shuts them down, and they exit when their parent is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None, start_method=None,
+                      world=World()):
+    """The augmenting DataLoader and its sampler (call sampler.set_epoch before each epoch): this rank's
+    slice of each global batch of --batch-size images.
+
+    start_method: how workers start (default: the platform's; see devices.worker_start_method).
+    """
+    start_method = start_method or devices.worker_start_method()
+    shared = workers > 0 and devices.dataset_in_shared_memory(start_method)
+    # Measured before the dataset moves into shared memory, which takes its own part of /dev/shm; the
+    # processes of this machine share what is free.
+    pixel_bytes = 1 if normalize_std is None else 4  # uint8, or float32 normalized in the workers
+    batch_bytes = world.per_rank(args.batch_size) * (images[0].size * pixel_bytes + labels[:1].nbytes)
+    prefetch = devices.fit_prefetch(devices.free_shared_memory() // world.local_size, workers, batch_bytes,
+                                    dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
+    dataset = augment.AugmentedImages(images, labels, augment.train_transform(
+        mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),
+        shared=shared)
+    sampler = augment.SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed, rank=world.rank,
+                                         world_size=world.size)
+    if 0 < prefetch < 4 and workers:
+        note(f"/dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=devices.pin_memory(device.type),
+        persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
+        multiprocessing_context=start_method if workers > 0 else None)
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+def build_model(num_classes, args, device):
+    """ResNet18 on the device; BatchNorm synchronised across the ranks with --sync-bn (CUDA only)."""
+    model = resnet18(num_classes=num_classes)
+    if getattr(args, "sync_bn", False):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same state_dict keys as BatchNorm2d
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_optimizer(model, args, device):
+    return torch.optim.SGD(model.parameters(), lr=derived_lr(args), momentum=args.momentum,
+                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay,
+                           fused=devices.fused_optimizer(device.type) or None)
+
+
+def make_scheduler(optimizer, args, steps_per_epoch):
+    """onecycle steps every batch over the whole run; plateau steps once per epoch."""
+    if args.schedule == "plateau":
+        mode = "max" if args.val_split else "min"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.1,
+                                                          patience=args.plateau_patience)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=derived_lr(args), total_steps=args.epochs * steps_per_epoch,
+        pct_start=args.warmup, anneal_strategy="cos", cycle_momentum=False)
+
+
+class StepRunner:
+    """One optimisation step on a uint8 batch already on the device, with the run's precision and layout.
+
+    `model` is the plain model (what checkpoints save); training runs through DistributedDataParallel
+    under torchrun, evaluation through the plain model (each rank evaluates its own share: no collective).
+    """
+
+    def __init__(self, model, args, precision, device, mean, std, steps_per_epoch, world=World()):
+        self.model, self.device, self.precision, self.world = model, device, precision, world
+        # On the device once: a host tensor per step would be a host-to-device copy per step.
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
+        self.channels_last = args.channels_last
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.optimizer = make_optimizer(model, args, device)
+        self.scheduler = make_scheduler(self.optimizer, args, steps_per_epoch)
+        self.per_step_schedule = args.schedule == "onecycle"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=devices.uses_grad_scaler(precision))
+        self.compiled = args.compile
+        compiled = torch.compile if args.compile else (lambda module: module)
+        self.forward = compiled(model)
+        self.train_forward = compiled(world.wrap(model, device)) if world.launched else self.forward
+
+    def inputs(self, images):
+        # One memory layout whatever the source's strides (test images are permuted views, a padded
+        # batch is not): a compiled model would compile again for another one.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return augment.normalize(images, self.mean, self.std).contiguous(memory_format=layout)
+
+    def __call__(self, images, labels):
+        """Returns the detached loss and logits (device tensors: reading them is a sync point)."""
+        with autocast(self.device, self.precision):
+            logits = self.train_forward(self.inputs(images))
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.per_step_schedule:
+            self.step_schedule()
+        return loss.detach(), logits.detach()
+
+    def step_schedule(self):
+        """The lr is a function of the step count, also for steps that the grad scaler skipped."""
+        if not self.scaler.is_enabled():
+            return self.scheduler.step()
+        # A skipped first step makes the scheduler warn that it ran before optimizer.step(): by design here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
+
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal stops at once.
+
+    Under torchrun the ranks agree at every step (`requested`), so that all stop at the same step
+    boundary, whichever of them saw the signal first: none is left waiting in a collective.
+    """
+
+    def __init__(self, world=World()):
+        self.signal, self.world = None, world
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, _frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current step (once the last step "
+              f"is done, the run finishes instead); again to stop at once", file=sys.stderr)
+
+    def requested(self):
+        """Whether to stop now: a collective under torchrun (a one-integer gloo all-reduce per step)."""
+        return self.world.any(self.signal is not None)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def progress_bar(iterable, total, description, enabled):
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=description, leave=False, disable=not enabled,
+                dynamic_ncols=True, unit="step")
+
+
+def show_progress(world=World()):
+    """Bars only for a person at a terminal, from rank 0: a redirected run gets one line per epoch."""
+    return world.main and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
+    """One pass over the loader. Running sums stay on the device; they are read only when the bar
+    refreshes (about twice a second) and at the end, because .item() is a CPU-GPU sync point.
+    Under torchrun the sums are all ranks' (one all-reduce at the end)."""
+    model, device, world = runner.model, runner.device, runner.world
+    non_blocking = devices.copy_non_blocking(loader.pin_memory)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad_step = torch.full((), NO_BAD_STEP, device=device, dtype=torch.long)
+    seen, last_refresh, start = 0, time.monotonic(), time.perf_counter()
+    bar = progress_bar(loader, len(loader), f"epoch {epoch}/{epochs}", bar_enabled)
+    for step, (images, labels) in enumerate(bar):
+        if step == 1:
+            wait_for_a_signal_in_tests(stop)
+        if stop.requested():
+            raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
+        images = images.to(device, non_blocking=non_blocking)
+        labels = labels.to(device, non_blocking=non_blocking)
+        loss, logits = runner(images, labels)
+        loss_sum += loss * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step + 1))
+        seen += len(labels)
+        if bar_enabled and time.monotonic() - last_refresh > 0.5:
+            if not world.launched:  # one rank alone must not stop: the others would wait for it
+                check_finite(first_bad_step, epoch, len(loader))
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
+            last_refresh = time.monotonic()
+    bar.close()
+    check_finite(world.minimum(first_bad_step), epoch, len(loader))
+    loss_sum, correct, seen = world.add_up(loss_sum, correct, torch.tensor(seen, device=device))
+    devices.synchronizer(device.type)()  # queued GPU work belongs to this epoch's time
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "train_seconds": seconds, "images_per_s": seen / seconds}
+
+
+NO_BAD_STEP = 2**62
+
+
+def wait_for_a_signal_in_tests(stop):
+    """Test-only switch: after an epoch's first step, say so and wait (at most a minute) for a stop
+    signal, so that a test's signal lands between two steps whatever the machine's load."""
+    if os.environ.get("TRAIN_TEST_WAIT_FOR_SIGNAL"):
+        print(f"test: between steps, waiting for a signal (pid {os.getpid()})", file=sys.__stderr__, flush=True)
+        deadline = time.monotonic() + 60
+        while stop.signal is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def check_finite(first_bad_step, epoch, steps):
+    bad = int(first_bad_step.item())
+    if bad != NO_BAD_STEP:
+        raise Diverged(f"the loss became NaN or infinite at epoch {epoch}, step {bad} of {steps}")
+
+
+@torch.no_grad()
+def evaluate(runner, images, labels, num_classes, batch_size, description="evaluating", bar_enabled=False):
+    """Loss, accuracy, accuracy with horizontal-flip test-time augmentation, and the confusion matrix.
+
+    `images` is a uint8 (N, 3, 32, 32) tensor; the loss is the training criterion, so curves compare.
+    Under torchrun rank r evaluates batches r, r + size, ... with rank 0's BatchNorm statistics and the
+    counts are added up: every image goes through the same batch as in a single process's evaluation.
+    Batches of the training size need less memory than a training step. Batches of 1024 after training
+    at 512 added 0.5 GiB on the CPU (where freed memory stays in the heap) and ran no faster there.
+    A compiled model gets the ragged last batch padded to full size: one more shape would mean one more
+    compilation (10,000 test images = 19 x 512 + 272).
+    """
+    model, device, world = runner.model, runner.device, runner.world
+    world.share_buffers(model)
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct_tta = torch.zeros((), device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    starts = range(0, len(images), batch_size)[world.rank::world.size]
+    for start in progress_bar(starts, len(starts), description, bar_enabled):
+        y = labels[start:start + batch_size].to(device)
+        x = images[start:start + batch_size].to(device)
+        x = runner.inputs(padded(x, batch_size) if runner.compiled else x)
+        with autocast(device, runner.precision):
+            logits = runner.forward(x)[:len(y)].float()
+            logits_tta = logits + runner.forward(x.flip(3))[:len(y)].float()
+        loss_sum += runner.criterion(logits, y) * len(y)
+        predicted = logits.argmax(1)
+        correct += (predicted == y).sum()
+        correct_tta += (logits_tta.argmax(1) == y).sum()
+        confusion += torch.bincount(y * num_classes + predicted, minlength=num_classes * num_classes)
+    loss_sum, correct, correct_tta, confusion = world.add_up(loss_sum, correct, correct_tta, confusion)
+    n = len(images)
+    return {"loss": loss_sum / n, "acc": correct / n, "acc_tta": correct_tta / n,
+            "confusion": [[int(c) for c in confusion[row * num_classes:(row + 1) * num_classes]]
+                          for row in range(num_classes)]}
+
+
+def padded(batch, size):
+    """`batch` with copies of its first row appended up to `size` rows (samples are independent in eval mode)."""
+    missing = size - len(batch)
+    return batch if missing <= 0 else torch.cat([batch, batch[:1].expand(missing, *batch.shape[1:])])
