@@ -106,12 +106,12 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
     return seen / (time.perf_counter() - start)
 
 
-def measure_step(args, precision, device, steps, world):
-    """Forward, backward and optimizer step on one batch already on the device (this process's share of
-    the global batch); with a launched `world`, under DistributedDataParallel."""
+def measure_step(args, precision, device, steps, batch, world=engine.World()):
+    """Forward, backward and optimizer step on one batch already on the device; with a launched `world`,
+    under DistributedDataParallel (each process a batch of its own)."""
     runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, steps_per_epoch=10 * steps, world=world)
-    images, labels = synthetic_images(world.per_rank(args.batch_size), seed=world.rank)
+    images, labels = synthetic_images(batch, seed=world.rank)
     images, labels = augment.to_tensor(images).contiguous().to(device), torch.from_numpy(labels).to(device)
     synchronize = devices.synchronizer(device.type)
     for _ in range(2):  # warm-up: kernel selection, compilation, the heap's growth
@@ -168,7 +168,7 @@ def measure_all(args, device, precision, workers, world):
     steps = args.steps or (3 if device.type == "cpu" else 100)
     run = run_args(args)
     seed_run = run_args(args, **SEED_SETTINGS)
-    alone = engine.World()  # one process's view, without collectives
+    batch = world.per_rank(args.batch_size)  # the step alone: one process's share, without collectives
     print(f"benchmark on {devices.device_name(device)}: batch {args.batch_size}"
           f"{f' ({world.size} processes of {world.per_rank(args.batch_size)})' if world.launched else ''}, "
           f"{precision}, {'channels_last' if args.channels_last else 'NCHW'}, {workers} workers, "
@@ -178,10 +178,10 @@ def measure_all(args, device, precision, workers, world):
     pipeline_float = measure_pipeline(run, device, workers, 10 * steps, world, normalize_in_workers=True)
     # The step with glibc's default allocator too, as the baseline of heap reuse.
     tune_heap = device.type == "cpu" and engine.glibc() is not None
-    step_default_heap = measure_step(run, precision, device, steps, alone) if tune_heap else None
+    step_default_heap = measure_step(run, precision, device, steps, batch) if tune_heap else None
     result = {}
     with engine.freed_memory_kept_in_heap(tune_heap) as heap_reuse:
-        step = measure_step(run, precision, device, steps, alone)
+        step = measure_step(run, precision, device, steps, batch)
         if world.launched:
             result.update(distributed_rows(run, precision, device, steps, world, step))
         full = measure_full_loop(run, precision, device, workers, steps, world)
@@ -204,7 +204,7 @@ def measure_all(args, device, precision, workers, world):
 
 def distributed_rows(run, precision, device, steps, world, step_alone):
     """The step under DistributedDataParallel, the gradient all-reduce alone, and the scaling efficiency."""
-    ddp_step = measure_step(run, precision, device, steps, world)
+    ddp_step = measure_step(run, precision, device, steps, world.per_rank(run.batch_size), world)
     all_reduce_seconds, gradient_bytes = measure_all_reduce(device, steps, world)
     return {"ddp_step_images_per_s": ddp_step * world.size, "all_reduce_ms": 1000 * all_reduce_seconds,
             "gradient_mb": gradient_bytes / 2**20, "step_ms": 1000 * world.per_rank(run.batch_size) / ddp_step,

@@ -179,12 +179,11 @@ def processes(world, device):
         return
     backend = backend_for(device.type)
     torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    try:
-        # Stop and failure decisions are small CPU values: a gloo group carries them without a GPU sync.
-        control = torch.distributed.new_group(backend="gloo") if backend != "gloo" else None
-        yield dataclasses.replace(world, backend=backend, control=control)
-    finally:
-        torch.distributed.destroy_process_group()
+    # Stop and failure decisions are small CPU values: a gloo group carries them without a GPU sync.
+    control = torch.distributed.new_group(backend="gloo") if backend != "gloo" else None
+    yield dataclasses.replace(world, backend=backend, control=control)
+    # Only after a clean end: after an error a peer may be gone, and tearing down would wait for it.
+    torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -280,6 +279,15 @@ def ignore_stop_signals_in_worker(_worker_id):
     # to stop; workers end with it (DataLoader shuts them down, and they exit when their parent is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(loader):
+    """End the loader's worker processes now. An error that leaves the program keeps the loader's iterator
+    alive in its traceback, and the workers ignore SIGTERM (above), so multiprocessing's exit handler,
+    which terminates and then joins them, would wait forever. DataLoader has no public call for this."""
+    iterator = getattr(loader, "_iterator", None)
+    with contextlib.suppress(Exception):
+        iterator._shutdown_workers()
 
 
 def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None, start_method=None,
@@ -414,10 +422,15 @@ class StopFlag:
 
     def handle(self, signum, _frame):
         if self.signal is not None:
+            # Under torchrun a second signal is normal: Ctrl-C reaches every process and torchrun sends
+            # SIGTERM on top (SLURM signals them all too). torchrun kills what is left 30 s later.
+            if self.world.launched:
+                return
             raise KeyboardInterrupt
         self.signal = signum
+        again = "" if self.world.launched else "; again to stop at once"
         print(f"\n{signal.Signals(signum).name} received: stopping after the current step (once the last step "
-              f"is done, the run finishes instead); again to stop at once", file=sys.stderr)
+              f"is done, the run finishes instead){again}", file=sys.stderr)
 
     def requested(self):
         """Whether to stop now: a collective under torchrun (a one-integer gloo all-reduce per step)."""
@@ -425,7 +438,9 @@ class StopFlag:
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            # A stopping torchrun rank ignores the launcher's SIGTERM while it exits: the other ranks may
+            # have exited a moment earlier, and its exit code (130) should still be its own.
+            signal.signal(s, signal.SIG_IGN if self.world.launched and self.signal is not None else handler)
 
 
 def progress_bar(iterable, total, description, enabled):
@@ -453,7 +468,7 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
     bar = progress_bar(loader, len(loader), f"epoch {epoch}/{epochs}", bar_enabled)
     for step, (images, labels) in enumerate(bar):
         if step == 1:
-            wait_for_a_signal_in_tests(stop)
+            wait_for_a_signal_in_tests(stop, epoch)
         if stop.requested():
             raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
         images = images.to(device, non_blocking=non_blocking)
@@ -480,10 +495,11 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
 NO_BAD_STEP = 2**62
 
 
-def wait_for_a_signal_in_tests(stop):
-    """Test-only switch: after an epoch's first step, say so and wait (at most a minute) for a stop
-    signal, so that a test's signal lands between two steps whatever the machine's load."""
-    if os.environ.get("TRAIN_TEST_WAIT_FOR_SIGNAL"):
+def wait_for_a_signal_in_tests(stop, epoch):
+    """Test-only switch: TRAIN_TEST_WAIT_FOR_SIGNAL=N makes epoch N, after its first step, say so (with the
+    process id) and wait (at most a minute) for a stop signal, so that a test's signal lands between two
+    steps whatever the machine's load."""
+    if os.environ.get("TRAIN_TEST_WAIT_FOR_SIGNAL") == str(epoch):
         print(f"test: between steps, waiting for a signal (pid {os.getpid()})", file=sys.__stderr__, flush=True)
         deadline = time.monotonic() + 60
         while stop.signal is None and time.monotonic() < deadline:

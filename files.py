@@ -89,7 +89,9 @@ def remove_stale_temp_files(folder, names):
 class RunLock:
     """An exclusive lock on a folder: a second run there is refused instead of interleaving files.
 
-    flock is released by the kernel when the process dies, even by SIGKILL, so a crash leaves no stale lock.
+    A POSIX record lock (lockf): the kernel releases it when the process dies, even by SIGKILL, so a crash
+    leaves no stale lock; and unlike flock, the processes it forks (DataLoader workers) do not share it,
+    so a worker that outlives its killed parent for a few seconds does not keep a resume out.
     """
 
     def __init__(self, folder, name, refusal):
@@ -103,7 +105,7 @@ class RunLock:
             return self
         self.file = open(self.path, "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.close()
             raise FolderInUse(self.refusal) from None

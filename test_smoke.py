@@ -7,12 +7,16 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI on import
 
+import argparse
+import contextlib
 import ctypes
 import dataclasses
+import itertools
 import json
 import pickle
 import platform
 import shutil
+import socket
 import warnings
 
 import numpy as np
@@ -1134,13 +1138,18 @@ import time  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def start_training(argv, pause_in_write=None, wait_between_steps=False):
+def env_with_switches(pause_in_write=None, wait_in_epoch=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if pause_in_write:
         env["TRAIN_TEST_PAUSE_IN_WRITE"] = str(pause_in_write)  # test-only: hold each write half-done
-    if wait_between_steps:
-        env["TRAIN_TEST_WAIT_FOR_SIGNAL"] = "1"  # test-only: after an epoch's first step, wait for a signal
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, text=True,
+    if wait_in_epoch:
+        env["TRAIN_TEST_WAIT_FOR_SIGNAL"] = str(wait_in_epoch)  # test-only: after the epoch's first step, wait
+    return env
+
+
+def start_training(argv, pause_in_write=None, wait_in_epoch=None):
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, text=True,
+                            env=env_with_switches(pause_in_write, wait_in_epoch),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -1186,7 +1195,7 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
         if epoch_before == 3:
             break
         process = start_training(resume if epoch_before else fresh, pause_in_write=0.4,
-                                 wait_between_steps=where == "step")
+                                 wait_in_epoch=epoch_before + 1 if where == "step" else None)
         if where == "step":  # the process says when it is between two steps, and waits there
             wait_for(lambda: process.stderr.readline().startswith("test: between steps"), process)
         else:
@@ -1375,3 +1384,259 @@ def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
     if result["cpu_heap_reuse"]:
         assert result["step_default_malloc_images_per_s"] > 0
         assert f"{result['step_default_malloc_images_per_s']:,.0f} img/s" in out
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+def torchrun(argv, *launcher, script="train.py", wait_in_epoch=None):
+    """train.py (or `script`) under a real torchrun; two processes on this machine unless `launcher` says
+    otherwise. One thread each: two processes on two cores."""
+    launcher = launcher or ("--standalone", "--nproc_per_node", "2")
+    env = dict(env_with_switches(wait_in_epoch=wait_in_epoch), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, script, *argv], cwd=HERE,
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def ranks_waiting(processes, count):
+    """Wait until `count` ranks of these torchrun launches say they are between steps; their process ids."""
+    pids = []
+    for process in itertools.cycle(processes):
+        if len(pids) == count:
+            return pids
+        line = process.stderr.readline()
+        assert line or process.poll() is None, f"torchrun ended early: {process.communicate()}"
+        if line.startswith("test: between steps"):
+            pids.append(int(line.split("pid ")[1].rstrip(")\n")))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference_evaluation(checkpoint_path, data_dir, batch_size):
+    """A single process's evaluation of a saved checkpoint on the test batch, one thread (as each rank had)."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    args = argparse.Namespace(**checkpoint["args"])
+    model = engine.build_model(10, args, torch.device("cpu"))
+    model.load_state_dict(checkpoint["model"])
+    runner = engine.StepRunner(model, args, "bf16", torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
+    data = augment.load_dataset("cifar10", data_dir, download=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return engine.evaluate(runner, augment.to_tensor(data.test_images), torch.from_numpy(data.test_labels),
+                               10, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "4", "--train-subset", "200", "--batch-size", "20")
+    process = torchrun(argv)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    # Rank 0 alone prints and writes: one start line, one line per epoch, one log, one checkpoint.
+    assert len([line for line in out.splitlines() if line.startswith("training from")]) == 1, out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == ["1/4", "2/4", "3/4", "4/4"]
+    assert sorted(n for n in os.listdir(tmp_path)) == [".train.lock", "best.pt", "last.pt", "log.json"]
+    log = json.loads((tmp_path / "log.json").read_text())
+    env = log["environment"]
+    assert (env["world_size"], env["nodes"], env["backend"], env["per_rank_batch"]) == (2, 1, "gloo", 10)
+    last = log["epochs"][-1]
+    assert last["test_acc"] >= 0.5, log["epochs"]  # chance is 0.1: the learnable task was learned
+    assert last["train_loss"] < log["epochs"][0]["train_loss"]
+    # The sharded evaluation's counts equal one process's evaluation of the saved checkpoint, exactly.
+    reference = reference_evaluation(tmp_path / "last.pt", data_dir, batch_size=10)
+    assert (last["test_acc"], last["test_acc_tta"]) == (reference["acc"], reference["acc_tta"])
+    assert log["confusion_matrix"] == reference["confusion"]
+
+
+def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_path, monkeypatch, capsys):
+    # 1 process -> 2 "nodes" (two torchrun agents, c10d rendezvous on localhost) -> 1 process.
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "3")
+    interrupt_after_epoch(monkeypatch, 1)
+    assert train.main(argv) == 130
+    resume = ["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [torchrun(resume, "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank),
+                      "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test", wait_in_epoch=3)
+             for rank in (0, 1)]
+    ranks_waiting(nodes, 2)
+    for node in nodes:  # a cluster's preemption: every launcher gets SIGTERM
+        node.send_signal(signal.SIGTERM)
+    errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
+    assert all(node.returncode != 0 for node in nodes)
+    assert errors.count("train.py: stopped at epoch 3, after step 1 of 2; epochs 1-2 are saved") == 1, errors
+    assert "continue with: torchrun --nnodes 2 --nproc_per_node 1" in errors
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # nothing partial
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["args"]["batch_size"] == 32
+    assert json.loads((tmp_path / "log.json").read_text())["environment"]["nodes"] == 2
+    monkeypatch.undo()
+    assert train.main(resume) == 0
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and log["environment"]["world_size"] == 1
+    # The schedule went on where it was, whatever the number of processes: the lr of a one-process run.
+    assert [r["lr"] for r in log["epochs"]] == pytest.approx(one_cycle_lrs(epochs=3, steps=2, peak=0.1 * 32 / 128))
+
+
+def one_cycle_lrs(epochs, steps, peak):
+    """The lr at the start of each epoch under the default one-cycle schedule, from PyTorch itself."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=epochs * steps,
+                                                   pct_start=0.3, anneal_strategy="cos", cycle_momentum=False)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        for _ in range(steps):
+            optimizer.step()
+            schedule.step()
+    return lrs
+
+
+def test_torchrun_sigterm_then_sigkill_of_one_rank_then_resume(data_dir, tmp_path):
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "3")
+    # SIGTERM to each process (as Ctrl-C or a cluster does): both stop at the same step and exit 130.
+    process = torchrun(argv, wait_in_epoch=2)
+    for pid in ranks_waiting([process], 2):
+        os.kill(pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert err.count("exitcode  : 130") == 2, err  # torchrun's report of both ranks
+    assert "train.py: stopped at epoch 2, after step 1 of 2; epoch 1 is saved; continue with: torchrun " \
+           "--standalone --nproc_per_node 2 train.py --resume" in err
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert assert_files_consistent(tmp_path) == 1
+    # SIGKILL of one rank: torchrun ends the other; every file is still a complete version.
+    process = torchrun(["--resume", str(tmp_path / "last.pt"), "--device", "cpu"], wait_in_epoch=3)
+    os.kill(ranks_waiting([process], 2)[0], signal.SIGKILL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and "SIGKILL" in err, err
+    assert assert_files_consistent(tmp_path) in (1, 2)  # epoch 2's files may have been in the writing
+    assert train.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]) == 0
+    assert assert_files_consistent(tmp_path) == 3
+
+
+def test_an_unexpected_error_with_workers_ends_the_process(data_dir, tmp_path):
+    # The workers ignore SIGTERM (a stop is the main process's decision); an error that reaches the top
+    # must still end them, or Python's exit would wait for them forever.
+    script = (f"import engine, train\n"
+              f"def fail(*args, **kwargs): raise RuntimeError('CUDA out of memory (simulated)')\n"
+              f"engine.evaluate = fail\n"
+              f"train.main({tiny_args(data_dir, tmp_path, '--workers', '1')!r})\n")
+    process = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1 and "CUDA out of memory (simulated)" in process.stderr
+
+
+def test_ranks_draw_different_augmentations_for_the_same_positions():
+    images = np.tile(coloured_images(1, 0)[0], (64, 1, 1, 1))  # one image, many times
+    shares = []
+    for rank in (0, 1):
+        dataset = augment.AugmentedImages(images, np.zeros(64, dtype=np.int64),
+                                          augment.train_transform(augment.CIFAR10_MEAN))
+        sampler = augment.SeededBatchSampler(64, 32, seed=0, rank=rank, world_size=2)
+        shares.append([dataset.__getitems__(batch) for batch in sampler])
+    for first, second in zip(*shares):
+        assert len(first) == len(second) == 16
+        assert sum(torch.equal(a[0], b[0]) for a, b in zip(first, second)) <= 2  # a crop may coincide
+    # Together the ranks' shares are the global batch of a single process, in order.
+    whole = [indices for _, indices in augment.SeededBatchSampler(64, 32, seed=0)]
+    halves = [[indices for _, indices in augment.SeededBatchSampler(64, 32, seed=0, rank=r, world_size=2)]
+              for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == whole
+
+
+def test_each_machine_downloads_once(tmp_path, monkeypatch):
+    # The first process of a machine downloads; the others read what it wrote, never download themselves.
+    downloads = []
+
+    def download(spec, root):
+        downloads.append(root)
+        raise augment.DatasetError("no network in this test")
+
+    monkeypatch.setattr(augment, "_download", download)
+    args = train.parse_args(["--data-dir", str(tmp_path), "--device", "cpu"])
+    for local_rank in (1, 0):
+        with pytest.raises(augment.DatasetError):
+            train.load_data(args, engine.World(rank=local_rank, local_rank=local_rank, size=2, local_size=2))
+    assert downloads == [str(tmp_path)]
+
+
+def test_global_batch_must_divide_among_processes(data_dir, tmp_path, capsys):
+    args = train.parse_args(tiny_args(data_dir, tmp_path, "--batch-size", "32"))
+    with pytest.raises(train.UsageError, match="--batch-size 32 is the global batch and does not divide among 3"):
+        train.check_args(args, engine.World(size=3, local_size=3))
+    train.check_args(args, engine.World(size=2, local_size=2))
+    code, err = run_main(train, tiny_args(data_dir, tmp_path, "--sync-bn"), capsys)
+    assert code == 2 and "--sync-bn needs CUDA GPUs" in err and len(error_lines(err)) == 1, err
+
+
+def test_benchmark_under_torchrun_adds_the_all_reduce_and_scaling(tmp_path):
+    process = torchrun(["--device", "cpu", "--batch-size", "8", "--steps", "1", "--workers", "0",
+                        "--out-dir", str(tmp_path)], script="benchmark.py")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert (result["world_size"], result["per_rank_batch"], result["backend"]) == (2, 4, "gloo")
+    for key in ("ddp_step_images_per_s", "all_reduce_ms", "step_ms", "scaling_efficiency"):
+        assert result[key] > 0, key
+    assert result["gradient_mb"] == pytest.approx(11_173_962 * 4 / 2**20)
+    assert out.count("benchmark on") == 1  # rank 0 alone prints
+    for label in ("DistributedDataParallel, all 2 processes", "gradient all-reduce alone", "scaling efficiency"):
+        assert label in out
+
+
+def test_a_recipe_in_one_word_and_flags_beside_it(trained_run):
+    seed = vars(train.parse_args(["--recipe", "seed", "--lr", "0.02"]))
+    expected = dict(engine.RECIPES["seed"], lr=0.02, precision="fp32", channels_last=False, recipe="seed")
+    assert {key: seed[key] for key in expected} == expected
+    assert (seed["schedule"], seed["val_split"], seed["batch_size"], seed["cutout"]) == ("plateau", 5000, 64, 0)
+    airbench = train.parse_args(["--recipe", "airbench"])
+    assert (airbench.batch_size, airbench.lr, airbench.label_smoothing, airbench.cutout, airbench.warmup) == \
+        (500, 0.2, 0.0, 12, 0.2)
+    default = train.parse_args([])
+    assert (default.recipe, default.batch_size, default.lr, default.cutout) == ("default", 512, None, 16)
+    assert json.loads((trained_run / "log.json").read_text())["args"]["recipe"] == "default"
+
+
+class AnotherRankDiverged(engine.World):
+    """One process's view of a run in which another rank's loss became NaN at step 1."""
+
+    def minimum(self, tensor):
+        return torch.minimum(tensor, torch.tensor(1))
+
+
+def test_a_nan_on_another_rank_stops_this_one(data_dir, tmp_path):
+    world, cpu = AnotherRankDiverged(), torch.device("cpu")
+    args = train.parse_args(tiny_args(data_dir, tmp_path))
+    images, labels = coloured_images(64, seed=0)
+    loader, _ = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, cpu, 0, world=world)
+    runner = engine.StepRunner(engine.build_model(10, args, cpu), args, "bf16", cpu, augment.CIFAR10_MEAN,
+                               augment.CIFAR10_STD, len(loader), world)
+    with engine.StopFlag(world) as stop, pytest.raises(engine.Diverged, match="epoch 1, step 1 of 2"):
+        engine.train_one_epoch(runner, loader, 1, 1, stop, bar_enabled=False)
+
+
+def test_the_lock_dies_with_its_process_not_with_its_workers(tmp_path):
+    # A DataLoader worker is a fork of the training process: killed, the process must not leave the lock
+    # to a worker that lives on for a few seconds (an flock would be shared with it, keeping a resume out).
+    script = (f"import files, os, signal, sys, time\n"
+              f"lock = files.RunLock({str(tmp_path)!r}, '.train.lock', 'busy').__enter__()\n"
+              f"if os.fork() == 0:\n"
+              f"    print('worker', os.getpid(), flush=True); time.sleep(60); os._exit(0)\n"
+              f"time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline().split()[1])
+    try:
+        with pytest.raises(files.FolderInUse):
+            files.RunLock(str(tmp_path), ".train.lock", "busy").__enter__()
+        holder.kill()
+        holder.wait()
+        os.kill(worker, 0)  # the worker is still alive
+        lock = files.RunLock(str(tmp_path), ".train.lock", "busy").__enter__()
+        lock.__exit__(None, None, None)
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)

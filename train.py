@@ -30,7 +30,7 @@ import cli
 import devices
 import engine
 import files
-from engine import Diverged, Stopped
+from engine import Diverged, Stopped, note
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
 LOG_NAME, LAST_NAME, BEST_NAME, LOCK_NAME = "log.json", "last.pt", "best.pt", ".train.lock"
@@ -224,13 +224,13 @@ def check_args(args, world=engine.World()):
 
 def resolve_device(args, world=engine.World()):
     """The device (under torchrun: this rank's GPU) and the precision it runs."""
-    if args.sync_bn and not world.launched:
-        engine.note("--sync-bn has no effect in a single process")
     index = world.local_rank if world.launched else None
     device, precision = engine.resolve_device(args.device, args.precision, args.compile, index)
     if args.sync_bn and device.type != "cuda":
         raise UsageError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} "
                          f"implementation); leave it out")
+    if args.sync_bn and not world.launched:
+        engine.note("--sync-bn has no effect in a single process")
     return device, precision
 
 
@@ -542,10 +542,6 @@ def own_out_dir(out_dir):
         yield
 
 
-def note(message):
-    engine.note(message)
-
-
 class Run:
     """The state of one training run and its two jobs: run an epoch, save what it produced."""
 
@@ -580,10 +576,10 @@ class Run:
             note(f"each epoch trains on {len(self.loader)} batches of {args.batch_size}: {dropped} of the "
                  f"{len(train_images)} training images, different ones each epoch, are left out (a smaller "
                  f"last batch would disturb BatchNorm's statistics and make --compile compile again)")
-        processes = (f", {world.size} processes of {world.per_rank(args.batch_size)} images a step "
-                     f"({world.backend}, {world.nodes} node{'s' if world.nodes > 1 else ''})" if world.launched else "")
+        processes = (f" x {world.size} processes on {world.nodes} node{'s' if world.nodes > 1 else ''} "
+                     f"({world.backend}, {world.per_rank(args.batch_size)} images a step each)" if world.launched else "")
         print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
-              f" on {self.env['device_name']} ({precision}, {workers} workers{processes}), {len(train_images)} "
+              f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
               f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
     def epoch(self, epoch, stop):
@@ -643,6 +639,7 @@ class Run:
             raise Diverged(f"{error}; {saved}. Lower --lr (or check the data) and start again") from None
         except (Stopped, KeyboardInterrupt) as error:
             done = self.writer.wait()
+            self.world.any(False)  # every rank waits here until rank 0's files are complete
             saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
                      f"{self.resume_command}" if done else "no epoch was completed, nothing was saved")
             raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
@@ -651,6 +648,7 @@ class Run:
             # the lock goes, or a next run could take the folder while a file is half-written.
             with contextlib.suppress(Exception):
                 self.writer.wait()
+            engine.stop_workers(self.loader)
             raise
         if stop.signal is not None:
             print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
