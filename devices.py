@@ -101,6 +101,10 @@ def pick_device(name, index=None):
     """The torch.device for --device NAME; `index` picks one of several GPUs (torchrun's LOCAL_RANK)."""
     kind = choose_device(name, torch.cuda.is_available(), mps_available())
     if kind == "cuda" and index is not None:
+        visible = torch.cuda.device_count()
+        if index >= visible:
+            raise DeviceError(f"this process has LOCAL_RANK {index}, but this machine shows {visible} GPU(s): "
+                              f"give torchrun --nproc_per_node {visible} or fewer")
         # The current device is what "cuda" means to RNG states, synchronize() and DataLoader's pinning thread.
         torch.cuda.set_device(index)
         return torch.device(kind, index)
@@ -141,6 +145,19 @@ def compile_problem(facts):
         major, minor = facts.capability
         return (f"--compile needs a GPU of compute capability 7.0 or above (Triton); this one has {major}.{minor}: "
                 f"train without --compile")
+    return None
+
+
+def build_problem(capability, arch_list):
+    """Why this PyTorch build has no kernels for this GPU, or None. A build lists the architectures it
+    was compiled for (torch.cuda.get_arch_list()); a GPU older than all of them fails at its first kernel
+    ("no kernel image is available"): torch 2.14's CUDA 13 wheels start at sm_75, without the V100's sm_70."""
+    built = sorted(int(arch.split("_")[1]) for arch in arch_list if arch.startswith("sm_"))
+    major, minor = capability
+    if built and major * 10 + minor < built[0]:
+        return (f"this PyTorch build has GPU kernels from compute capability {built[0] // 10}.{built[0] % 10} on; "
+                f"this GPU has {major}.{minor}: install a PyTorch build for it (an older CUDA version), or "
+                f"use --device cpu")
     return None
 
 

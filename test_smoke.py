@@ -1454,8 +1454,9 @@ def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
 
 
 def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_path, monkeypatch, capsys):
-    # 1 process -> 2 "nodes" (two torchrun agents, c10d rendezvous on localhost) -> 1 process.
-    argv = tiny_args(data_dir, tmp_path, "--epochs", "3")
+    # 1 process -> 2 "nodes" (two torchrun agents, c10d rendezvous on localhost) -> 1 process. 4 steps an
+    # epoch: under torchrun the ranks' stop vote is read one step after it is cast.
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "3", "--train-subset", "128")
     interrupt_after_epoch(monkeypatch, 1)
     assert train.main(argv) == 130
     resume = ["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]
@@ -1468,7 +1469,7 @@ def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_p
         node.send_signal(signal.SIGTERM)
     errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
     assert all(node.returncode != 0 for node in nodes)
-    assert errors.count("train.py: stopped at epoch 3, after step 1 of 2; epochs 1-2 are saved") == 1, errors
+    assert errors.count("train.py: stopped at epoch 3, after step 2 of 4; epochs 1-2 are saved") == 1, errors
     assert "continue with: torchrun --nnodes 2 --nproc_per_node 1" in errors
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # nothing partial
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -1479,7 +1480,7 @@ def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_p
     log = json.loads((tmp_path / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and log["environment"]["world_size"] == 1
     # The schedule went on where it was, whatever the number of processes: the lr of a one-process run.
-    assert [r["lr"] for r in log["epochs"]] == pytest.approx(one_cycle_lrs(epochs=3, steps=2, peak=0.1 * 32 / 128))
+    assert [r["lr"] for r in log["epochs"]] == pytest.approx(one_cycle_lrs(epochs=3, steps=4, peak=0.1 * 32 / 128))
 
 
 def one_cycle_lrs(epochs, steps, peak):
@@ -1497,14 +1498,14 @@ def one_cycle_lrs(epochs, steps, peak):
 
 
 def test_torchrun_sigterm_then_sigkill_of_one_rank_then_resume(data_dir, tmp_path):
-    argv = tiny_args(data_dir, tmp_path, "--epochs", "3")
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "3", "--train-subset", "128")
     # SIGTERM to each process (as Ctrl-C or a cluster does): both stop at the same step and exit 130.
     process = torchrun(argv, wait_in_epoch=2)
     for pid in ranks_waiting([process], 2):
         os.kill(pid, signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert err.count("exitcode  : 130") == 2, err  # torchrun's report of both ranks
-    assert "train.py: stopped at epoch 2, after step 1 of 2; epoch 1 is saved; continue with: torchrun " \
+    assert "train.py: stopped at epoch 2, after step 2 of 4; epoch 1 is saved; continue with: torchrun " \
            "--standalone --nproc_per_node 2 train.py --resume" in err
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     assert assert_files_consistent(tmp_path) == 1
@@ -1557,10 +1558,10 @@ def test_each_machine_downloads_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(augment, "_download", download)
     args = train.parse_args(["--data-dir", str(tmp_path), "--device", "cpu"])
-    for local_rank in (1, 0):
+    for rank in range(4):  # two machines of two processes each
         with pytest.raises(augment.DatasetError):
-            train.load_data(args, engine.World(rank=local_rank, local_rank=local_rank, size=2, local_size=2))
-    assert downloads == [str(tmp_path)]
+            train.load_data(args, engine.World(rank=rank, local_rank=rank % 2, size=4, local_size=2))
+    assert downloads == [str(tmp_path)] * 2  # by ranks 0 and 2, the first of each machine
 
 
 def test_global_batch_must_divide_among_processes(data_dir, tmp_path, capsys):
@@ -1640,3 +1641,28 @@ def test_the_lock_dies_with_its_process_not_with_its_workers(tmp_path):
         holder.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_gpus_this_build_has_no_kernels_for_and_too_few_gpus(monkeypatch):
+    cuda_13 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    assert "a PyTorch build for it" in devices.build_problem((7, 0), cuda_13)  # a V100
+    assert devices.build_problem((7, 5), cuda_13) is None and devices.build_problem((12, 1), cuda_13) is None
+    assert devices.build_problem((6, 0), []) is None  # a CPU-only build lists nothing: nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(devices.DeviceError, match="LOCAL_RANK 2, but this machine shows 2 GPU"):
+        devices.pick_device("cuda", 2)
+
+
+def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path):
+    # Optimizer.load_state_dict takes every group setting from the checkpoint: a CPU run resumed on a
+    # GPU would lose fused SGD (and the fp16 scaler's sync-free step) without care.
+    args = train.parse_args(tiny_args(data_dir, tmp_path))
+    runner = engine.StepRunner(engine.build_model(10, args, torch.device("cpu")), args, "bf16", torch.device("cpu"),
+                               augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2)
+    data = augment.load_dataset("cifar10", data_dir, download=False)
+    checkpoint = train.build_checkpoint(runner, args, data, 1, [], None)
+    checkpoint["optimizer"]["param_groups"][0].update(fused=True, foreach=False)  # as a GPU run saves it
+    before = {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
+    train.restore_checkpoint(runner, checkpoint)
+    assert {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")} == before

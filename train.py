@@ -166,7 +166,8 @@ def build_parser(recipe="default"):
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--sync-bn", action="store_true",
                        help="under torchrun on GPUs: BatchNorm statistics over the global batch "
-                            "(SyncBatchNorm) instead of each process's share")
+                            "(SyncBatchNorm) instead of each process's share; slower (a GPU-CPU sync in each "
+                            "BatchNorm layer)")
     speed.add_argument("--seed", type=int, default=0,
                        help="seed of weights, data order and augmentation (default: %(default)s)")
     speed.add_argument("--deterministic", action="store_true",
@@ -434,7 +435,11 @@ def build_checkpoint(runner, args, data, epoch, history, best):
 def restore_checkpoint(runner, checkpoint):
     try:
         runner.model.load_state_dict(checkpoint["model"])
+        # load_state_dict takes every group setting from the checkpoint, fused SGD too: keep this machine's.
+        implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in runner.optimizer.param_groups]
         runner.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, kept in zip(runner.optimizer.param_groups, implementation):
+            group.update(kept)
         runner.scheduler.load_state_dict(checkpoint["scheduler"])
         # A bf16 or fp32 run saved no scaler state: an fp16 run resuming it starts a fresh scaler.
         if checkpoint["scaler"] and runner.scaler.is_enabled():
@@ -524,12 +529,14 @@ def check_new_run(args, checkpoint):
 
 
 def load_data(args, world):
-    """The dataset, downloaded (if missing and allowed) once per machine, by its first process."""
+    """The dataset, downloaded (if missing and allowed) once per machine by its first process, rank 0's
+    machine first: on a shared file system the others then find it there instead of writing it again."""
     def load(download):
         return augment.load_dataset(args.dataset, args.data_dir, download=download)
-    first = world.together(lambda: load(args.download), here=world.local_rank == 0)
-    others = world.together(lambda: load(False), here=world.local_rank != 0)
-    return first if world.local_rank == 0 else others
+    loaded = [world.together(lambda: load(args.download), here=world.main),
+              world.together(lambda: load(args.download), here=world.local_rank == 0 and not world.main),
+              world.together(lambda: load(False), here=world.local_rank != 0)]
+    return next(data for data in loaded if data is not None)
 
 
 @contextlib.contextmanager
@@ -555,8 +562,9 @@ class Run:
             print(f"warning: training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
                   f"take hours; use a GPU, or --train-subset and --epochs for a quick run", file=sys.stderr)
         self.args, self.data, self.device, self.world = args, data, device, world
-        self.loader, self.sampler = engine.make_train_loader(train_images, train_labels, args, data.mean, device,
-                                                             workers, world=world)
+        # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
+        self.loader, self.sampler = world.together(lambda: engine.make_train_loader(
+            train_images, train_labels, args, data.mean, device, workers, world=world))
         model = engine.build_model(self.num_classes, args, device)
         self.runner = engine.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
         self.history, self.best = [], None
