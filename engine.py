@@ -540,7 +540,10 @@ def wait_for_a_signal_in_tests(stop, epoch):
     process id) and wait (at most a minute) for a stop signal, so that a test's signal lands between two
     steps whatever the machine's load."""
     if os.environ.get("TRAIN_TEST_WAIT_FOR_SIGNAL") == str(epoch):
-        print(f"test: between steps, waiting for a signal (pid {os.getpid()})", file=sys.__stderr__, flush=True)
+        # One write of the whole line: torchrun's processes share one stderr, and print() writes the text and
+        # its newline separately, so two processes' lines could interleave.
+        sys.__stderr__.write(f"test: between steps, waiting for a signal (pid {os.getpid()})\n")
+        sys.__stderr__.flush()
         deadline = time.monotonic() + 60
         while stop.signal is None and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -15,6 +15,7 @@ import itertools
 import json
 import pickle
 import platform
+import re
 import shutil
 import socket
 import warnings
@@ -1401,12 +1402,11 @@ def ranks_waiting(processes, count):
     """Wait until `count` ranks of these torchrun launches say they are between steps; their process ids."""
     pids = []
     for process in itertools.cycle(processes):
-        if len(pids) == count:
+        if len(pids) >= count:
             return pids
         line = process.stderr.readline()
         assert line or process.poll() is None, f"torchrun ended early: {process.communicate()}"
-        if line.startswith("test: between steps"):
-            pids.append(int(line.split("pid ")[1].rstrip(")\n")))
+        pids += [int(pid) for pid in re.findall(r"test: between steps, waiting for a signal \(pid (\d+)\)", line)]
 
 
 def free_port():
