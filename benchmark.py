@@ -159,7 +159,8 @@ def peak_memory_mb(device):
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20, "GPU memory held by the Metal driver (at the end)"
     import resource
-    return devices.peak_resident_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), "resident memory, main process"
+    peak = devices.peak_resident_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak, "resident memory, main process"
 
 
 def measure_all(args, device, precision, workers, world):
@@ -211,6 +212,18 @@ def distributed_rows(run, precision, device, steps, world, step_alone):
             "scaling_efficiency": ddp_step / step_alone}
 
 
+def distributed_table_rows(r):
+    """The rows that only a torchrun launch measures."""
+    if "ddp_step_images_per_s" not in r:
+        return []
+    size = r["world_size"]
+    return [(f"model step, DistributedDataParallel, all {size} processes", f"{r['ddp_step_images_per_s']:,.0f} img/s"),
+            ("  its time per step", f"{r['step_ms']:,.1f} ms"),
+            (f"  gradient all-reduce alone ({r['gradient_mb']:.1f} MiB, {r['backend']})",
+             f"{r['all_reduce_ms']:,.1f} ms"),
+            (f"scaling efficiency: {size}-process step / ({size} x one process's)", f"{r['scaling_efficiency']:.2f}")]
+
+
 def benchmark_table(r):
     size = r["world_size"]
     per_process = f" (one of {size} processes)" if size > 1 else ""
@@ -221,11 +234,7 @@ def benchmark_table(r):
             (f"model step alone (forward + backward + SGD){per_process}", f"{r['step_images_per_s']:,.0f} img/s"),
             *([("  the same, glibc's default malloc (no heap reuse)",
                 f"{r['step_default_malloc_images_per_s']:,.0f} img/s")] if r["cpu_heap_reuse"] else []),
-            *([(f"model step, DistributedDataParallel, all {size} processes", f"{r['ddp_step_images_per_s']:,.0f} img/s"),
-               ("  its time per step", f"{r['step_ms']:,.1f} ms"),
-               (f"  gradient all-reduce alone ({r['gradient_mb']:.1f} MiB, {r['backend']})", f"{r['all_reduce_ms']:,.1f} ms"),
-               (f"scaling efficiency: {size}-process step / ({size} x one process's)", f"{r['scaling_efficiency']:.2f}")]
-              if "ddp_step_images_per_s" in r else []),
+            *distributed_table_rows(r),
             (f"full training loop{f', all {size} processes' if size > 1 else ''}",
              f"{r['full_loop_images_per_s']:,.0f} img/s"),
             (f"efficiency: full{' / processes' if size > 1 else ''} / min(pipeline, step)", f"{r['efficiency']:.2f}"),

@@ -130,7 +130,7 @@ class World:
         except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
             error = raised
         if self.any(error is not None):
-            raise error if error is not None else ElsewhereFailed("another process of this run failed (its message says why)")
+            raise error or ElsewhereFailed("another process of this run failed (its message says why)")
         return result
 
     def wrap(self, model, device):

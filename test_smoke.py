@@ -1666,3 +1666,14 @@ def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path)
     before = {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
     train.restore_checkpoint(runner, checkpoint)
     assert {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")} == before
+
+
+def test_torchruns_variables_describe_the_processes():
+    assert engine.world_from_environment({}) == engine.World()  # no torchrun: one process, nothing started
+    world = engine.world_from_environment({"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16",
+                                           "LOCAL_WORLD_SIZE": "8"})
+    assert (world.rank, world.local_rank, world.size, world.nodes, world.main, world.launched) == \
+        (11, 3, 16, 2, False, True)
+    assert world.per_rank(512) == 32
+    assert world.resume_command("/r/last.pt").startswith("torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
+    assert engine.World().resume_command("/r/last.pt") == "python train.py --resume /r/last.pt"

@@ -584,8 +584,9 @@ class Run:
             note(f"each epoch trains on {len(self.loader)} batches of {args.batch_size}: {dropped} of the "
                  f"{len(train_images)} training images, different ones each epoch, are left out (a smaller "
                  f"last batch would disturb BatchNorm's statistics and make --compile compile again)")
-        processes = (f" x {world.size} processes on {world.nodes} node{'s' if world.nodes > 1 else ''} "
-                     f"({world.backend}, {world.per_rank(args.batch_size)} images a step each)" if world.launched else "")
+        nodes = f"{world.nodes} node{'s' if world.nodes > 1 else ''}"
+        processes = (f" x {world.size} processes on {nodes} ({world.backend}, {world.per_rank(args.batch_size)} "
+                     f"images a step each)" if world.launched else "")
         print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
               f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
               f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
