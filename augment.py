@@ -17,6 +17,7 @@ resumed run draws what an uninterrupted one would have drawn.
 import hashlib
 import os
 import pickle
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -108,9 +109,12 @@ def _download(spec, data_dir):
 
     manual = (f"download {spec.url} yourself and put {spec.archive} (or its extracted {spec.folder}/ "
               f"folder) in {data_dir}/, then run again")
+    created = not os.path.exists(data_dir)
     try:
         download_and_extract_archive(spec.url, data_dir, filename=spec.archive, md5=spec.archive_md5)
     except Exception as error:  # URLError, HTTPError, socket errors, a bad archive: all end the same way
+        if created:  # a failed first download leaves no empty (or half-filled) folder behind
+            shutil.rmtree(data_dir, ignore_errors=True)
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise DatasetError(f"could not download {spec.title} ({reason}); {manual}") from None
 

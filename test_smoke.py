@@ -262,6 +262,11 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
     message = str(error.value)
     assert "could not download" in message and unreachable.url in message and str(tmp_path) in message
     assert "\n" not in message
+    assert tmp_path.exists()  # a folder that was there stays
+    new_folder = tmp_path / "data"
+    with pytest.raises(augment.DatasetError):
+        augment.load_dataset("cifar10", str(new_folder), download=True)
+    assert not new_folder.exists()  # one the download created goes again: no empty data/ left behind
 
 
 # ----------------------------------------------------------------------------- training end to end
