@@ -421,8 +421,8 @@ class StepRunner:
 
     def step_schedule(self):
         """The lr is a function of the step count, also for steps that the grad scaler skipped."""
-        if not self.scaler.is_enabled():
-            return self.scheduler.step()
+        if not self.scaler.is_enabled() or self.scheduler.last_epoch > 0:
+            return self.scheduler.step()  # only the scheduler's first step checks for an optimizer step
         # A skipped first step makes the scheduler warn that it ran before optimizer.step(): by design here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
