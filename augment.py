@@ -285,11 +285,10 @@ class SeededBatchSampler:
                  else np.arange(self.size))
         for batch in range(len(self)):
             indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            if self.world_size == 1:
-                yield [self.seed, self.epoch, batch], indices.tolist()
-            else:  # consecutive equal shares (a ragged last batch, without drop_last, as even as it goes)
-                mine = np.array_split(indices, self.world_size)[self.rank]
-                yield [self.seed, self.epoch, batch, self.rank], mine.tolist()
+            # This rank's consecutive share (a ragged last batch, without drop_last, as even as it goes); a
+            # single process keeps the seed it always had.
+            mine = np.array_split(indices, self.world_size)[self.rank]
+            yield [self.seed, self.epoch, batch] + ([self.rank] if self.world_size > 1 else []), mine.tolist()
 
 
 def balanced_subset(labels, count, seed=0):

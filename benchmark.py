@@ -27,7 +27,8 @@ import files
 from resnet import resnet18
 
 # The seed project's loop: batch 64, fp32, NCHW, 4 workers; the baseline of the speedup.
-SEED_SETTINGS = {"batch_size": 64, "precision": "fp32", "channels_last": False, "workers": 4, "compile": False}
+SEED_SETTINGS = {"batch_size": engine.RECIPES["seed"]["batch_size"], **engine.SEED_MACHINE, "workers": 4,
+                 "compile": False}
 
 
 class UsageError(Exception):
@@ -70,7 +71,7 @@ def check_args(args, world):
 def run_args(args, **changes):
     """What the engine reads: the default recipe, this command line's machine settings, 2 epochs."""
     settings = dict(engine.RECIPES["default"], epochs=2, sync_bn=False)
-    settings.update({k: v for k, v in vars(args).items()}, **changes)
+    settings.update(vars(args), **changes)
     return argparse.Namespace(**settings)
 
 

@@ -678,9 +678,8 @@ def main(argv=None):
         with engine.quiet_unless(world.main):
             args = parse_args(argv)
             return train(args, flags_given(argv), world)
-    except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse) as error:
-        return report(world, error, "error: ", 2)
-    except engine.ElsewhereFailed as error:
+    except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse,
+            engine.ElsewhereFailed) as error:
         return report(world, error, "error: ", 2)
     except Diverged as error:
         return report(world, error, "stopped: ", 1)
