@@ -367,15 +367,22 @@ def make_optimizer(model, args, device):
                            fused=devices.fused_optimizer(device.type) or None)
 
 
+# Per-step schedules: PyTorch's OneCycleLR with two shapes. "onecycle": its defaults, cosine from peak/25 up
+# to the peak, then down to peak/250,000. "linear": airbench's triangle (KellerJordan/cifar10-zoo), straight
+# lines from peak/5 up to the peak and down to peak/50,000 (airbench: to 0; the end is within 1e-5 of it).
+ONE_CYCLE_SHAPES = {"onecycle": {"anneal_strategy": "cos", "div_factor": 25.0, "final_div_factor": 1e4},
+                    "linear": {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 1e4}}
+
+
 def make_scheduler(optimizer, args, steps_per_epoch):
-    """onecycle steps every batch over the whole run; plateau steps once per epoch."""
+    """onecycle and linear step every batch over the whole run; plateau steps once per epoch."""
     if args.schedule == "plateau":
         mode = "max" if args.val_split else "min"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.1,
                                                           patience=args.plateau_patience)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=derived_lr(args), total_steps=args.epochs * steps_per_epoch,
-        pct_start=args.warmup, anneal_strategy="cos", cycle_momentum=False)
+        pct_start=args.warmup, cycle_momentum=False, **ONE_CYCLE_SHAPES[args.schedule])
 
 
 class StepRunner:
@@ -393,7 +400,7 @@ class StepRunner:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.optimizer = make_optimizer(model, args, device)
         self.scheduler = make_scheduler(self.optimizer, args, steps_per_epoch)
-        self.per_step_schedule = args.schedule == "onecycle"
+        self.per_step_schedule = args.schedule in ONE_CYCLE_SHAPES
         self.scaler = torch.amp.GradScaler(device.type, enabled=devices.uses_grad_scaler(precision))
         self.compiled = args.compile
         compiled = torch.compile if args.compile else (lambda module: module)

@@ -1606,6 +1606,31 @@ def test_a_recipe_in_one_word_and_flags_beside_it(trained_run):
     assert json.loads((trained_run / "log.json").read_text())["args"]["recipe"] == "default"
 
 
+def schedule_lrs(argv, steps):
+    """The lr of each step under train.py's parsed command line."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = engine.make_scheduler(optimizer, train.parse_args(argv), steps_per_epoch=steps // 10)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return np.array(lrs)
+
+
+def test_linear_schedule_is_airbenchs_triangle():
+    argv = ["--epochs", "10", "--batch-size", "500", "--lr", "0.2", "--warmup", "0.2"]
+    linear = schedule_lrs(argv + ["--schedule", "linear"], steps=800)
+    # airbench's ResNet-18 baseline: np.interp over the steps, from 0.2x the peak at step 0 up to the peak at
+    # 20% of the steps, then down to 0. OneCycleLR peaks one step earlier: within 1/160 of the peak.
+    triangle = 0.2 * np.interp(np.arange(800), [0, 160, 800], [0.2, 1, 0])
+    assert np.abs(linear - triangle).max() <= 0.2 / 160 + 1e-9
+    assert linear[0] == pytest.approx(0.04) and linear.max() == pytest.approx(0.2) and linear[-1] < 1e-5
+    cosine = schedule_lrs(argv + ["--schedule", "onecycle"], steps=800)
+    assert cosine[0] == pytest.approx(0.2 / 25) and cosine.max() == pytest.approx(0.2)
+    assert np.abs(cosine - triangle).max() > 0.01  # a different shape, not a renamed one
+
+
 class AnotherRankDiverged(engine.World):
     """One process's view of a run in which another rank's loss became NaN at step 1."""
 

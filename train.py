@@ -146,12 +146,13 @@ def build_parser(recipe="default"):
     opt.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
     opt.add_argument("--weight-decay", type=float, help="L2 weight decay (default: %(default)s)")
     opt.add_argument("--label-smoothing", type=float, help="label smoothing (default: %(default)s)")
-    opt.add_argument("--schedule", choices=("onecycle", "plateau"), 
-                     help="onecycle: stepped every batch; plateau: ReduceLROnPlateau on the validation "
-                          "accuracy (with --val-split) or else the training loss, never the test set "
-                          "(default: %(default)s)")
+    opt.add_argument("--schedule", choices=(*engine.ONE_CYCLE_SHAPES, "plateau"),
+                     help="stepped every batch: onecycle (cosine up from peak/25, cosine down: PyTorch's "
+                          "OneCycleLR) or linear (straight up from peak/5, straight down: airbench's); "
+                          "plateau: ReduceLROnPlateau on the validation accuracy (with --val-split) or else "
+                          "the training loss, never the test set (default: %(default)s)")
     opt.add_argument("--warmup", type=float, metavar="FRACTION",
-                     help="onecycle: fraction of the steps spent warming up (default: %(default)s)")
+                     help="onecycle, linear: fraction of the steps spent warming up (default: %(default)s)")
     opt.add_argument("--plateau-patience", type=int, metavar="EPOCHS",
                      help="plateau: epochs without improvement before the lr is divided by 10 (default: %(default)s)")
 
