@@ -16,6 +16,7 @@ import io
 import math
 import os
 import sys
+import textwrap
 
 import numpy as np
 import torch
@@ -401,8 +402,11 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
         axis.set_title(f"{classes[t]} / {classes[p]}", fontsize=8, color="black" if t == p else "firebrick")
     method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
     images_are = "test images" if official else "held-out images, not the official test set"
-    figure.suptitle(f"{kind} {images_are} (true / predicted), {method} of the prediction at {args.layer[0]}, "
-                    f"seed {args.seed}", fontsize=10)
+    title = (f"{kind} {images_are} (true / predicted), {method} of the prediction at {args.layer[0]}, "
+             f"seed {args.seed}")
+    # Wrapped to the figure's width (2 inches a column; at 10 points about 11 characters an inch fit), or a
+    # small grid cuts its title off at both sides.
+    figure.suptitle(textwrap.fill(title, width=22 * columns), fontsize=10)
     figure.tight_layout()
     return figure
 

@@ -994,6 +994,17 @@ def test_gradcam_test_set_grid(trained_run, data_dir, tmp_path, capsys, kind):
     assert np.array_equal(np.load(npy), first)  # the seeded choice repeats
 
 
+@pytest.mark.parametrize("count", [1, 4, 16])
+def test_gradcam_grid_title_fits_the_figure(count):
+    args = argparse.Namespace(method="gradcam++", layer=["layer4.1.conv2"], seed=123456)
+    images, maps = np.zeros((count, 32, 32, 3), np.uint8), np.zeros((count, 32, 32))
+    figure = gradcam.grid_figure(images, maps, [0] * count, [1] * count, [f"class {i}" for i in range(10)], args,
+                                 "misclassified", official=False)
+    renderer = figure.canvas.get_renderer()
+    title = figure._suptitle.get_window_extent(renderer)
+    assert 0 <= title.x0 and title.x1 <= figure.bbox.width and title.y1 <= figure.bbox.height
+
+
 def test_gradcam_bad_input(trained_run, tmp_path, capsys):
     checkpoint = str(trained_run / "best.pt")
     image = save_test_images(tmp_path)[0]
