@@ -186,7 +186,7 @@ def mean_colour(mean):
     return tuple(int(round(255 * m)) for m in mean)
 
 
-def train_transform(mean, cutout=16, pad_crop=4, flip=True, normalize_std=None):
+def train_transform(mean, cutout=12, pad_crop=4, flip=True, normalize_std=None):
     """albumentations pipeline on uint8 HWC images, returning uint8 CHW tensors (normalized later, on the device).
 
     Reflect-pad by `pad_crop` then a random 32x32 crop; horizontal flip; one `cutout` x `cutout` hole

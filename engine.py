@@ -26,8 +26,8 @@ from resnet import resnet18
 
 # The recipes that --recipe names. "airbench": the settings of airbench's ResNet-18 baseline as published
 # (KellerJordan/cifar10-zoo, airbench/baselines/train_resnet18_94.py: 94.0% with flip TTA in 26 epochs).
-# "default": the same with a batch that divides among 8 GPUs (512, the lr scaled with it) and PyTorch's cosine
-# one-cycle shape, chosen on the development split (README, Results). "seed": the project this started
+# "default": the same but for a batch that divides among 8 GPUs (512, the lr scaled with it) and PyTorch's
+# cosine one-cycle shape, chosen on the development split (README, Results). "seed": the project this started
 # from, with a validation split instead of the test set.
 RECIPES = {
     "airbench": {"batch_size": 500, "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
@@ -372,7 +372,8 @@ def make_optimizer(model, args, device):
 
 # Per-step schedules: PyTorch's OneCycleLR with two shapes. "onecycle": its defaults, cosine from peak/25 up
 # to the peak, then down to peak/250,000. "linear": airbench's triangle (KellerJordan/cifar10-zoo), straight
-# lines from peak/5 up to the peak and down to peak/50,000 (airbench: to 0; the end is within 1e-5 of it).
+# lines from peak/5 up to the peak and down towards 0, one step earlier than airbench's (whose last step
+# trains at peak/(0.8 x steps); here the last at peak/50,000 plus one step's decrement).
 ONE_CYCLE_SHAPES = {"onecycle": {"anneal_strategy": "cos", "div_factor": 25.0, "final_div_factor": 1e4},
                     "linear": {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 1e4}}
 

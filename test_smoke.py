@@ -1499,6 +1499,29 @@ def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_p
     assert [r["lr"] for r in log["epochs"]] == pytest.approx(one_cycle_lrs(epochs=3, steps=4, peak=0.2 * 32 / 500))
 
 
+def test_log_records_the_peak_lr_and_an_old_checkpoint_keeps_its_own(data_dir, tmp_path, monkeypatch):
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "3")
+    interrupt_after_epoch(monkeypatch, 1)
+    assert train.main(argv) == 130
+    monkeypatch.undo()
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["args"]["lr"] == pytest.approx(0.2 * 32 / 500)  # a number, not "default"
+    # A checkpoint from before: "lr": null, meaning that day's default (0.1 per 128 images), peak 0.025 here.
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    checkpoint["args"]["lr"] = None
+    old_lrs = one_cycle_lrs(epochs=3, steps=2, peak=0.025)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["max_lr"], group["initial_lr"], group["min_lr"] = 0.025, 0.025 / 25, 0.025 / 25 / 1e4
+        group["lr"] = old_lrs[1]
+    checkpoint["scheduler"]["max_lrs"] = [0.025]
+    checkpoint["scheduler"]["base_lrs"] = [0.025 / 25]
+    torch.save(checkpoint, tmp_path / "last.pt")
+    assert train.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]) == 0
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["args"]["lr"] == 0.025
+    assert [r["lr"] for r in log["epochs"]][1:] == pytest.approx(old_lrs[1:])  # its schedule goes on
+
+
 def one_cycle_lrs(epochs, steps, peak):
     """The lr at the start of each epoch under the default one-cycle schedule, from PyTorch itself."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
