@@ -107,9 +107,9 @@ def build_parser(recipe="default"):
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(engine.RECIPES), default="default",
-                        help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as published) or "
-                             "seed (the project this started from), see 'recipe:' below; flags given beside it "
-                             "override it (default: %(default)s)")
+                        help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as "
+                             "published) or seed (the project this started from), see 'recipe:' below; flags "
+                             "given beside it override it (default: %(default)s)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10",
                       help="dataset (default: %(default)s)")
