@@ -284,8 +284,13 @@ def write_atomically(path, data):
 
 
 def save_figure(figure, path):
+    """Closes the figure (pyplot keeps every figure until closed: main() in a notebook would pile them up)."""
+    import matplotlib.pyplot as plt
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=picture_format(path), dpi=100)
+    try:
+        figure.savefig(buffer, format=picture_format(path), dpi=100)
+    finally:
+        plt.close(figure)
     write_atomically(path, buffer.getvalue())
 
 

@@ -199,9 +199,13 @@ def confusion_figure(log, label):
 
 
 def save_figure(figure, path):
-    """Atomically: a reader sees the old picture or the whole new one, never a part."""
+    """Atomically: a reader sees the old picture or the whole new one, never a part. Closes the figure
+    (pyplot keeps every figure until closed: main() called from a notebook would pile them up)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    try:
+        figure.savefig(buffer, format="png", dpi=100)
+    finally:
+        pyplot().close(figure)
     try:
         files.atomic_write(path, buffer.getvalue())
     except OSError as error:

@@ -873,6 +873,9 @@ def test_spawned_workers_share_the_dataset_and_draw_the_same_batches():
 # ----------------------------------------------------------------------------- Grad-CAM
 
 import gradcam  # noqa: E402  (after the training tests' imports, to keep each section readable)
+import matplotlib  # noqa: E402
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def random_model_and_inputs(seed=0, batch=8):
@@ -992,6 +995,7 @@ def test_gradcam_test_set_grid(trained_run, data_dir, tmp_path, capsys, kind):
     assert out.stat().st_size > 10_000 and 1 <= len(first) <= 6
     assert gradcam.main(argv) == 0
     assert np.array_equal(np.load(npy), first)  # the seeded choice repeats
+    assert not plt.get_fignums()  # closed: main() from a notebook does not pile up figures
 
 
 @pytest.mark.parametrize("count", [1, 4, 16])
@@ -1002,6 +1006,7 @@ def test_gradcam_grid_title_fits_the_figure(count):
                                  "misclassified", official=False)
     renderer = figure.canvas.get_renderer()
     title = figure._suptitle.get_window_extent(renderer)
+    plt.close(figure)
     assert 0 <= title.x0 and title.x1 <= figure.bbox.width and title.y1 <= figure.bbox.height
 
 
@@ -1135,6 +1140,7 @@ def test_plot_curves_bad_input(trained_run, tmp_path, capsys):
         code, err = run_main(plot_curves, argv, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp-*"))
+    assert not plt.get_fignums()  # a failed write too closes its figure
 
 
 def test_plot_curves_does_not_import_torch():
