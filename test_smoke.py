@@ -538,7 +538,9 @@ def test_plot_of_one_epoch_has_markers_and_whole_epochs(trained_run, tmp_path):
     log = json.loads((trained_run / "log.json").read_text())
     log["epochs"] = log["epochs"][:1]
     figure = plot_curves.curves_figure([log], ["one"], [plot_curves.summary(log)])
-    for axis in figure.axes:
+    axes = figure.axes
+    plt.close(figure)
+    for axis in axes:
         assert axis.get_xlim() == (0.5, 1.5) and list(axis.get_xticks()) == [1]
         assert all(line.get_marker() not in (None, "None", "") for line in axis.get_lines())
 
@@ -990,12 +992,13 @@ def test_gradcam_test_set_grid(trained_run, data_dir, tmp_path, capsys, kind):
     npy = tmp_path / "grid.npy"
     argv = [kind, "6", "--checkpoint", str(trained_run / "best.pt"), "--data-dir", data_dir, "--out", str(out),
             "--save-npy", str(npy), "--seed", "1"]
+    open_figures = len(plt.get_fignums())  # other tests' figures are not this one's business
     assert gradcam.main(argv) == 0
     first = np.load(npy)
     assert out.stat().st_size > 10_000 and 1 <= len(first) <= 6
     assert gradcam.main(argv) == 0
     assert np.array_equal(np.load(npy), first)  # the seeded choice repeats
-    assert not plt.get_fignums()  # closed: main() from a notebook does not pile up figures
+    assert len(plt.get_fignums()) == open_figures  # closed: main() from a notebook does not pile up figures
 
 
 @pytest.mark.parametrize("count", [1, 4, 16])
@@ -1136,11 +1139,12 @@ def test_plot_curves_bad_input(trained_run, tmp_path, capsys):
              ([str(tmp_path / "empty.json")], "no finished epoch"),
              ([str(trained_run / "log.json"), "--out", str(blocker / "x.png")], "cannot write"),
              ([str(trained_run / "log.json"), "--labels", "a", "b"], "one name per log")]
+    open_figures = len(plt.get_fignums())
     for argv, message in cases:
         code, err = run_main(plot_curves, argv, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp-*"))
-    assert not plt.get_fignums()  # a failed write too closes its figure
+    assert len(plt.get_fignums()) == open_figures  # a failed write too closes its figure
 
 
 def test_plot_curves_does_not_import_torch():
