@@ -284,14 +284,17 @@ def write_atomically(path, data):
 
 
 def save_figure(figure, path):
-    """Closes the figure (pyplot keeps every figure until closed: main() in a notebook would pile them up)."""
-    import matplotlib.pyplot as plt
     buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format=picture_format(path), dpi=100)
-    finally:
-        plt.close(figure)
+    figure.savefig(buffer, format=picture_format(path), dpi=100)
     write_atomically(path, buffer.getvalue())
+
+
+def new_figure(rows, columns, **options):
+    """A figure outside pyplot: pyplot would keep every figure until closed (main() in a notebook piled
+    them up), and choosing its backend here would change a notebook's."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=options.pop("figsize"))
+    return figure, figure.subplots(rows, columns, squeeze=False, **options)
 
 
 def top5_lines(name, probabilities, classes):
@@ -330,10 +333,7 @@ def display_copy(image, longest=1024):
 
 
 def image_figure(rows, args, originals, small, maps, targets, probabilities, classes):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(len(rows), 4, figsize=(12, 3.3 * len(rows)), squeeze=False)
+    figure, axes = new_figure(len(rows), 4, figsize=(12, 3.3 * len(rows)))
     method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
     for row, (i, j) in zip(axes, rows):
         heatmap, original = maps[i, j], originals[i]
@@ -394,12 +394,9 @@ def explain_test_grid(args, model, checkpoint, device):
 
 
 def grid_figure(images, maps, truth, predicted, classes, args, kind, official=True):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
+    figure, axes = new_figure(rows, columns, figsize=(2 * columns, 2.2 * rows))
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, heatmap, t, p in zip(axes.flat, images, maps, truth, predicted):

@@ -117,16 +117,16 @@ def table(labels, summaries):
 
 # ----------------------------------------------------------------------------- pictures
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # headless: nothing opens a window
-    import matplotlib.pyplot as plt
-    return plt
+def new_figure(figsize):
+    """A figure outside pyplot: pyplot would keep every figure until closed (main() in a notebook piled
+    them up), and choosing its backend here would change a notebook's."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize)
 
 
 def curves_figure(logs, labels, summaries):
-    plt = pyplot()
-    figure, (loss_axis, acc_axis, lr_axis) = plt.subplots(1, 3, figsize=(16, 4.6))
+    figure = new_figure((16, 4.6))
+    loss_axis, acc_axis, lr_axis = figure.subplots(1, 3)
     for index, (log, label, s) in enumerate(zip(logs, labels, summaries)):
         colour = f"C{index}"
         epochs = [r["epoch"] for r in log["epochs"]]
@@ -171,10 +171,10 @@ def curves_figure(logs, labels, summaries):
 
 
 def confusion_figure(log, label):
-    plt = pyplot()
     classes, matrix = log["classes"], log["confusion_matrix"]
     per_class = log["per_class_accuracy"]
-    figure, (matrix_axis, bar_axis) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.3, 1]})
+    figure = new_figure((14, 6))
+    matrix_axis, bar_axis = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
     image = matrix_axis.imshow(matrix, cmap="Blues")
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
@@ -199,13 +199,9 @@ def confusion_figure(log, label):
 
 
 def save_figure(figure, path):
-    """Atomically: a reader sees the old picture or the whole new one, never a part. Closes the figure
-    (pyplot keeps every figure until closed: main() called from a notebook would pile them up)."""
+    """Atomically: a reader sees the old picture or the whole new one, never a part."""
     buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format="png", dpi=100)
-    finally:
-        pyplot().close(figure)
+    figure.savefig(buffer, format="png", dpi=100)
     try:
         files.atomic_write(path, buffer.getvalue())
     except OSError as error:
