@@ -2,7 +2,7 @@
 plot_curves.py (which must start fast, without torch) uses the same writes as train.py and gradcam.py.
 
     files.atomic_write("log.json", data)      # a reader sees the old file or the whole new one
-    with files.RunLock("runs/a", ".train.lock"):   # a second writer in runs/a is refused
+    with files.RunLock("runs/a", ".train.lock", "another run holds runs/a"):   # a second writer is refused
         ...
 """
 import contextlib
