@@ -384,9 +384,21 @@ def make_scheduler(optimizer, args, steps_per_epoch):
         mode = "max" if args.val_split else "min"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.1,
                                                           patience=args.plateau_patience)
+    total_steps = args.epochs * steps_per_epoch
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=derived_lr(args), total_steps=args.epochs * steps_per_epoch,
-        pct_start=args.warmup, cycle_momentum=False, **ONE_CYCLE_SHAPES[args.schedule])
+        optimizer, max_lr=derived_lr(args), total_steps=total_steps,
+        pct_start=warmup_fraction(args.warmup, total_steps), cycle_momentum=False, **ONE_CYCLE_SHAPES[args.schedule])
+
+
+def warmup_fraction(warmup, total_steps):
+    """OneCycleLR's pct_start for a warm-up of `warmup` of the steps. One step or less cannot climb:
+    OneCycleLR divides by zero at exactly one (5 steps at 0.2) and starts at the peak below it; say so,
+    and start at the peak in both cases."""
+    if warmup * total_steps > 1:
+        return warmup
+    note(f"a warm-up of {warmup:g} of {total_steps} steps is one step or less: the run starts at the peak lr "
+         f"(for a warm-up, train more steps: more --epochs or images, or a smaller --batch-size)")
+    return 0.99 / total_steps  # OneCycleLR then starts its anneal from the peak, 0.01 step before step 0
 
 
 class StepRunner:

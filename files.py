@@ -61,6 +61,8 @@ def sync_folder(folder):
 
 def atomic_link(source, path):
     """Make `path` the same file as `source` (a hard link: no second copy), atomically."""
+    if os.path.exists(path) and os.path.samefile(source, path):
+        return  # already: and rename() between two links of one file does nothing, leaving the temp link
     tmp = temp_name(path)
     with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)

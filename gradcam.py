@@ -231,6 +231,11 @@ def check_args(args):
     if sum(chosen) != 1:
         raise UsageError("give one of --image FILE..., --misclassified N or --correct N"
                          + (" (not several)" if sum(chosen) > 1 else ""))
+    grid = "--misclassified" if args.misclassified is not None else "--correct" if args.correct is not None else None
+    if grid and args.target is not None:
+        raise UsageError(f"{grid} explains each image's predicted class: --class works with --image only")
+    if grid and len(args.layer) > 1:
+        raise UsageError(f"{grid} draws one layer's maps: give one --layer (several work with --image)")
     if args.out is not None:
         picture_format(args.out)
 

@@ -93,8 +93,10 @@ def fp16_args(data_dir, out_dir, *extra):
 
 
 def error_lines(err):
-    """stderr without the tiny dataset's expected 'not the official CIFAR-10' warning."""
-    return [line for line in err.splitlines() if not line.startswith("warning: ")]
+    """stderr without the tiny dataset's expected 'not the official CIFAR-10' warning, and the note that a
+    tiny run's warm-up is under a step."""
+    return [line for line in err.splitlines()
+            if not line.startswith("warning: ") and "the run starts at the peak lr" not in line]
 
 
 def run_main(module, argv, capsys=None):
@@ -497,6 +499,45 @@ def test_resume_from_another_folder_finds_the_runs_data(data_dir, tmp_path, monk
     assert train.main([*command[2:], "--device", "cpu", "--workers", "0", "--no-download"]) == 0
     assert not (elsewhere / "data").exists() and not os.listdir(elsewhere)
     assert torch.load(run / "last.pt", weights_only=True)["args"]["data_dir"] == str(data)
+
+
+def test_resume_into_another_folder_refuses_another_run_and_brings_best_pt(data_dir, trained_run, tmp_path,
+                                                                           monkeypatch, capsys):
+    first = tmp_path / "first"
+    interrupt_after_epoch(monkeypatch, 1)
+    assert run_main(train, tiny_args(data_dir, first), capsys)[0] == 130
+    monkeypatch.undo()
+    resume = ["--resume", str(first / "last.pt"), "--device", "cpu", "--workers", "0"]
+    code, err = run_main(train, [*resume, "--out-dir", str(trained_run)], capsys)  # holds another run
+    assert code == 2 and "holds another run" in err, err
+    branch = tmp_path / "branch"
+    code, err = run_main(train, [*resume, "--out-dir", str(branch)], capsys)
+    assert code == 0, err
+    log = json.loads((branch / "log.json").read_text())
+    best = torch.load(branch / "best.pt", weights_only=True)  # there, whether or not epoch 2 improved
+    assert best["epoch"] == log["summary"]["best_checkpoint_epoch"] and [r["epoch"] for r in log["epochs"]] == [1, 2]
+
+
+def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, tmp_path, monkeypatch, capsys):
+    # Killed after last.pt of the last epoch was written, before best.pt and log.json: the checkpoint is
+    # complete, and the resume (with nothing left to train) brings the other two up to date.
+    class Killed(Exception):
+        pass
+
+    def killed(*_):
+        raise Killed
+
+    monkeypatch.setattr(train.files, "atomic_link", killed)
+    with pytest.raises(Killed):
+        train.main(tiny_args(data_dir, tmp_path, "--epochs", "1"))
+    monkeypatch.undo()
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists() and not (tmp_path / "log.json").exists()
+    code, err = run_main(train, ["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"], capsys)
+    assert code == 0, err
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [r["epoch"] for r in log["epochs"]] == [1] and log["summary"]["epochs_done"] == 1
+    assert sum(map(sum, log["confusion_matrix"])) == log["data"]["test_images"] and "per_class_accuracy" in log
 
 
 def test_log_says_what_the_accuracies_were_measured_on(trained_run, tmp_path, capsys):
@@ -1039,6 +1080,8 @@ def test_gradcam_bad_input(trained_run, tmp_path, capsys):
         (["--checkpoint", checkpoint], "give one of --image"),
         (["--misclassified", "0", "--checkpoint", checkpoint], "--misclassified takes a count of at least 1"),
         (["--image", image, "--correct", "3", "--checkpoint", checkpoint], "(not several)"),
+        (["--misclassified", "4", "--checkpoint", checkpoint, "--class", "cat"], "--class works with --image only"),
+        (["--correct", "4", "--checkpoint", checkpoint, "--layer", "layer3", "layer4"], "give one --layer"),
         (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "x.doc")], "--out"),
         (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "x")], "extension"),
         (["--image", image, "--misclassified"], "expected one argument (see"),
@@ -1242,6 +1285,16 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
     log = json.loads((out / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1, 2, 3] and "confusion_matrix" in log
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_linking_a_file_to_itself_leaves_no_temp_link(tmp_path):
+    # rename() between two links of one file does nothing: the temp link would stay behind. A resume
+    # re-links best.pt to last.pt, which it often is already.
+    (tmp_path / "last.pt").write_bytes(b"epoch 3")
+    for _ in range(2):
+        files.atomic_link(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
 
 
 def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_path, monkeypatch):
@@ -1681,6 +1734,20 @@ def test_linear_schedule_is_airbenchs_triangle():
     assert np.abs(cosine - triangle).max() > 0.01  # a different shape, not a renamed one
 
 
+def test_a_warmup_of_one_step_or_less_starts_at_the_peak(capsys):
+    # 5 steps at --warmup 0.2 is a warm-up of exactly one step: OneCycleLR divided by zero there.
+    for shape in ("onecycle", "linear"):
+        for epochs in ("5", "2"):  # one step, and less than one
+            args = train.parse_args(["--epochs", epochs, "--lr", "0.2", "--warmup", "0.2", "--schedule", shape])
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            engine.make_scheduler(optimizer, args, steps_per_epoch=1)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2, rel=0.01), (shape, epochs)
+            assert "is one step or less: the run starts at the peak lr" in capsys.readouterr().err
+    args = train.parse_args(["--epochs", "5", "--warmup", "0.2"])
+    engine.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=2)
+    assert capsys.readouterr().err == ""  # two steps of warm-up: climbs as asked, nothing to say
+
+
 class AnotherRankDiverged(engine.World):
     """One process's view of a run in which another rank's loss became NaN at step 1."""
 
@@ -1746,6 +1813,38 @@ def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path)
     before = {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
     train.restore_checkpoint(runner, checkpoint)
     assert {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")} == before
+
+
+def test_resume_puts_momentum_buffers_in_the_parameters_layout(data_dir, tmp_path):
+    # A --no-channels-last run resumed with channels_last (the default): loading keeps the saved NCHW
+    # buffers, and CUDA's fused SGD refuses a step whose buffers' strides differ from the parameters'.
+    def runner(*flags):
+        args = train.parse_args(tiny_args(data_dir, tmp_path, *flags))
+        return engine.StepRunner(engine.build_model(10, args, torch.device("cpu")), args, "fp32",
+                                 torch.device("cpu"), augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2), args
+    (saved, args), (resumed, _) = runner("--no-channels-last"), runner()
+    images, labels = coloured_images(8, 0)
+    saved(augment.to_tensor(images), torch.from_numpy(labels))  # one step: momentum buffers exist
+    data = augment.load_dataset("cifar10", data_dir, download=False)
+    train.save_checkpoint(train.build_checkpoint(saved, args, data, 1, [], None), tmp_path / "nchw.pt")
+    train.restore_checkpoint(resumed, torch.load(tmp_path / "nchw.pt", weights_only=True))
+    parameters = list(resumed.model.parameters())
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in parameters)  # channels_last conv weights
+    for parameter, before in zip(parameters, saved.model.parameters()):
+        buffer = resumed.optimizer.state[parameter]["momentum_buffer"]
+        assert buffer.stride() == parameter.stride()
+        assert torch.equal(buffer, saved.optimizer.state[before]["momentum_buffer"])  # the same values
+
+
+def test_a_seed_recipe_run_resumes_in_its_own_precision_and_layout(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
+    checkpoint["args"]["recipe"] = "seed"
+    path = tmp_path / "seed.pt"
+    torch.save(checkpoint, path)
+    resumed, _ = train.args_for_resume(train.parse_args(["--resume", str(path)]), {"resume"})
+    assert (resumed.precision, resumed.channels_last) == ("fp32", False)
+    given = train.parse_args(["--resume", str(path), "--precision", "bf16"])
+    assert train.args_for_resume(given, {"resume", "precision"})[0].precision == "bf16"  # given: kept
 
 
 def test_torchruns_variables_describe_the_processes():

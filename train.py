@@ -72,9 +72,10 @@ files: log.json, last.pt and best.pt go into --out-dir (default: the current fol
 
 resume: --resume takes the recipe and the epoch count from the checkpoint (a recipe flag given
   beside it is ignored, with a warning). --device, --precision, --no-channels-last, --compile,
-  --workers and --sync-bn describe this machine: they come from the command line (or their defaults);
-  so does the number of processes: a run saved by 2 GPUs continues on 1 or on 8. --data-dir and
-  --no-download keep the checkpoint's values unless given; --out-dir defaults to the checkpoint's folder.
+  --workers and --sync-bn describe this machine: they come from the command line (or their defaults;
+  a --recipe seed run keeps its fp32 and NCHW); so does the number of processes: a run saved by 2 GPUs
+  continues on 1 or on 8. --data-dir and --no-download keep the checkpoint's values unless given;
+  --out-dir defaults to the checkpoint's folder (another one, holding no other run, branches the run).
 
 torchrun: --batch-size is the global batch (each of N processes takes batch/N images), so the same
   command trains the same recipe on 1, 2 or 8 GPUs; BatchNorm statistics are per process unless
@@ -442,6 +443,7 @@ def restore_checkpoint(runner, checkpoint):
         runner.optimizer.load_state_dict(checkpoint["optimizer"])
         for group, kept in zip(runner.optimizer.param_groups, implementation):
             group.update(kept)
+        match_parameter_layouts(runner.optimizer)
         runner.scheduler.load_state_dict(checkpoint["scheduler"])
         # A bf16 or fp32 run saved no scaler state: an fp16 run resuming it starts a fresh scaler.
         if checkpoint["scaler"] and runner.scaler.is_enabled():
@@ -450,6 +452,21 @@ def restore_checkpoint(runner, checkpoint):
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint does not fit this model and recipe "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
+
+
+def match_parameter_layouts(optimizer):
+    """Put the optimizer's state tensors (SGD's momentum buffers) in their parameter's memory layout.
+
+    A checkpoint keeps the layout of the run that saved it (NCHW from a --no-channels-last run), loading
+    it keeps that layout, and CUDA's fused SGD refuses a step whose buffers' strides differ from the
+    parameters': a run resumed with the other --channels-last setting would fail at its first step.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def flags_given(argv):
@@ -479,6 +496,9 @@ def args_for_resume(args, given):
         print(f"warning: ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}",
               file=sys.stderr)
     merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS if k in MACHINE_FLAGS or k in given or k not in merged})
+    if merged.get("recipe") == "seed":
+        # Its machine settings (fp32, NCHW) are part of the seed's setup: the run goes on with them unless given.
+        merged.update({k: v for k, v in engine.SEED_MACHINE.items() if k not in given})
     for name, default in vars(build_parser().parse_args([])).items():
         merged.setdefault(name, default)  # flags newer than the checkpoint
     if args.out_dir is None:
@@ -533,8 +553,14 @@ def train(args, given=frozenset(), world=engine.World()):
 
 def check_new_run(args, checkpoint):
     check_out_dir(args.out_dir)
-    if checkpoint is None and not args.overwrite:
+    if not args.overwrite and not (checkpoint is not None and resumes_in_place(args)):
         refuse_to_replace_another_run(args.out_dir)
+
+
+def resumes_in_place(args):
+    """Whether --out-dir is the folder of the --resume checkpoint (a resume elsewhere starts a new folder)."""
+    source = os.path.dirname(os.path.abspath(args.resume))
+    return os.path.isdir(args.out_dir) and os.path.samefile(args.out_dir, source)
 
 
 def load_data(args, world):
@@ -576,10 +602,11 @@ class Run:
             train_images, train_labels, args, data.mean, device, workers, world=world))
         model = engine.build_model(self.num_classes, args, device)
         self.runner = engine.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
-        self.history, self.best = [], None
+        self.history, self.best, self.last_confusion = [], None, None
         if checkpoint is not None:
             restore_checkpoint(self.runner, checkpoint)
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
+            self.last_confusion = checkpoint.get("confusion")  # absent from checkpoints of earlier versions
         self.writer = (BackgroundWriter if world.main else NoWriter)(saved_epoch=len(self.history))
         self.test = (augment.to_tensor(test_images).to(device), torch.from_numpy(test_labels).to(device))
         self.described = data_description(data, test_labels)
@@ -630,7 +657,7 @@ class Run:
 
         def snapshot():
             checkpoint = build_checkpoint(self.runner, self.args, self.data, epoch, history, best)
-            checkpoint["data"] = self.described
+            checkpoint.update(data=self.described, confusion=confusion)
             log = build_log(self.args, self.env, self.data.classes, history, self.best_key, final, self.described)
             return checkpoint, log
 
@@ -640,8 +667,47 @@ class Run:
         self.writer.submit(epoch, snapshot, write)
         self.history, self.best = history, best
 
+    def catch_up_files(self):
+        """On a resume, best.pt and log.json first agree with the checkpoint: a kill between an epoch's
+        writes (last.pt, then best.pt, then log.json) left them an epoch behind, and a resume into another
+        --out-dir finds neither there."""
+        epoch, source = len(self.history), os.path.abspath(self.args.resume)
+        try:
+            if self.best["epoch"] == epoch:
+                files.atomic_link(source, self.paths[BEST_NAME])  # a hard link, or a copy across file systems
+            elif not resumes_in_place(self.args):
+                self.copy_best_checkpoint(os.path.join(os.path.dirname(source), BEST_NAME))
+            if self.log_on_disk_epochs() != epoch:
+                finished = epoch == self.args.epochs and self.last_confusion is not None
+                final = final_metrics(self.last_confusion, self.data.classes) if finished else None
+                files.write_json(self.paths[LOG_NAME], build_log(self.args, self.env, self.data.classes, self.history,
+                                                                 self.best_key, final, self.described))
+        except OSError as error:
+            raise WriteFailed(f"could not bring {self.args.out_dir}/ up to date with {source} "
+                              f"({error.strerror or error}); nothing was trained") from None
+
+    def copy_best_checkpoint(self, path):
+        """The best epoch's checkpoint from the resumed run's folder, if it is that epoch's."""
+        with contextlib.suppress(CheckpointError, KeyError):
+            if read_checkpoint(path)["epoch"] == self.best["epoch"]:
+                return files.atomic_link(path, self.paths[BEST_NAME])
+        note(f"{path} is not epoch {self.best['epoch']}'s checkpoint: {self.paths[BEST_NAME]} will be the best "
+             f"epoch from here on")
+
+    def log_on_disk_epochs(self):
+        """How many epochs log.json holds, with its summary (None: missing or unreadable), and whether
+        a finished run's log has its final metrics."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(self.paths[LOG_NAME]) as f:
+                log = json.load(f)
+            done = len(log["epochs"]) == self.args.epochs
+            return len(log["epochs"]) if log["summary"] and (not done or "confusion_matrix" in log) else None
+        return None
+
     def run(self, stop):
         args, paths = self.args, self.paths
+        if self.history:
+            self.world.together(self.catch_up_files, here=self.world.main)
         if len(self.history) >= args.epochs:
             print(f"nothing to do: {args.resume} already holds all {args.epochs} epochs")
             return
@@ -674,7 +740,7 @@ class Run:
         print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
               f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
               f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
-              f"{paths[LOG_NAME]}, {paths[LAST_NAME]}, {paths[BEST_NAME]}")
+              f"{', '.join(path for path in paths.values() if os.path.exists(path))}")
 
 
 # Errors that every rank meets at the same point (the same arguments, a shared decision): rank 0 says them.
