@@ -396,8 +396,10 @@ def warmup_fraction(warmup, total_steps):
     and start at the peak in both cases."""
     if warmup * total_steps > 1:
         return warmup
-    note(f"a warm-up of {warmup:g} of {total_steps} steps is one step or less: the run starts at the peak lr "
-         f"(for a warm-up, train more steps: more --epochs or images, or a smaller --batch-size)")
+    starts = ("the run starts at the peak lr" if total_steps > 1 else
+              "the run's one step is its schedule's last, at nearly 0")
+    note(f"a warm-up of {warmup:g} of {total_steps} steps is one step or less: {starts} (for a warm-up, "
+         f"train more steps: more --epochs or images, or a smaller --batch-size)")
     return 0.99 / total_steps  # OneCycleLR then starts its anneal from the peak, 0.01 step before step 0
 
 

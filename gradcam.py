@@ -198,9 +198,9 @@ def build_parser():
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
     parser.add_argument("--layer", nargs="+", default=["layer4"], metavar="NAME",
                         help="module path(s): layer3, layer4, layer4.1, layer4.1.conv2, ...; one row each "
-                             "(default: layer4)")
+                             "(several with --image only) (default: layer4)")
     parser.add_argument("--class", dest="target", default=None, metavar="NAME|INDEX",
-                        help="explain this class instead of the predicted one")
+                        help="with --image: explain this class instead of the predicted one")
     parser.add_argument("--method", choices=METHODS, default="gradcam",
                         help="Grad-CAM or Grad-CAM++ (default: %(default)s)")
     parser.add_argument("--out", default=None,

@@ -96,7 +96,7 @@ def error_lines(err):
     """stderr without the tiny dataset's expected 'not the official CIFAR-10' warning, and the note that a
     tiny run's warm-up is under a step."""
     return [line for line in err.splitlines()
-            if not line.startswith("warning: ") and "the run starts at the peak lr" not in line]
+            if not line.startswith("warning: ") and "is one step or less" not in line]
 
 
 def run_main(module, argv, capsys=None):
@@ -501,21 +501,39 @@ def test_resume_from_another_folder_finds_the_runs_data(data_dir, tmp_path, monk
     assert torch.load(run / "last.pt", weights_only=True)["args"]["data_dir"] == str(data)
 
 
-def test_resume_into_another_folder_refuses_another_run_and_brings_best_pt(data_dir, trained_run, tmp_path,
-                                                                           monkeypatch, capsys):
+def test_resume_into_another_folder_refuses_another_run_and_branches_the_run(data_dir, trained_run, tmp_path,
+                                                                             monkeypatch, capsys):
     first = tmp_path / "first"
     interrupt_after_epoch(monkeypatch, 1)
     assert run_main(train, tiny_args(data_dir, first), capsys)[0] == 130
     monkeypatch.undo()
-    resume = ["--resume", str(first / "last.pt"), "--device", "cpu", "--workers", "0"]
-    code, err = run_main(train, [*resume, "--out-dir", str(trained_run)], capsys)  # holds another run
+    machine = ["--device", "cpu", "--workers", "0"]
+    resume = ["--resume", str(first / "last.pt"), *machine]
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other)
+    code, err = run_main(train, [*resume, "--out-dir", str(other)], capsys)
     assert code == 2 and "holds another run" in err, err
+    # Stopped before its first epoch was saved: the branch holds the run as saved, and resumes from there.
+    monkeypatch.setattr(train.Run, "epoch", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = run_main(train, [*resume, "--out-dir", str(other), "--overwrite"], capsys)
+    monkeypatch.undo()
+    assert code == 130 and f"continue with: python train.py --resume {other / 'last.pt'}" in err, err
+    saved = json.loads((first / "log.json").read_text())["epochs"]
+    assert json.loads((other / "log.json").read_text())["epochs"] == saved  # not the replaced run's
+    for name in ("last.pt", "best.pt"):
+        assert torch.load(other / name, weights_only=True)["history"] == saved
     branch = tmp_path / "branch"
     code, err = run_main(train, [*resume, "--out-dir", str(branch)], capsys)
     assert code == 0, err
     log = json.loads((branch / "log.json").read_text())
     best = torch.load(branch / "best.pt", weights_only=True)  # there, whether or not epoch 2 improved
     assert best["epoch"] == log["summary"]["best_checkpoint_epoch"] and [r["epoch"] for r in log["epochs"]] == [1, 2]
+    # A finished run branched: nothing to train, and the new folder holds the whole run.
+    code, out = run_main(train, ["--resume", str(trained_run / "last.pt"), *machine, "--out-dir", str(tmp_path / "copy")],
+                         capsys)
+    assert code == 0 and sorted(os.listdir(tmp_path / "copy")) == [".train.lock", "best.pt", "last.pt", "log.json"]
+    copied, original = (json.loads((folder / "log.json").read_text()) for folder in (tmp_path / "copy", trained_run))
+    assert copied["epochs"] == original["epochs"] and copied["confusion_matrix"] == original["confusion_matrix"]
 
 
 def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, tmp_path, monkeypatch, capsys):
@@ -1743,6 +1761,9 @@ def test_a_warmup_of_one_step_or_less_starts_at_the_peak(capsys):
             engine.make_scheduler(optimizer, args, steps_per_epoch=1)
             assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2, rel=0.01), (shape, epochs)
             assert "is one step or less: the run starts at the peak lr" in capsys.readouterr().err
+    args = train.parse_args(["--epochs", "1", "--warmup", "0.2"])
+    engine.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=1)
+    assert "the run's one step is its schedule's last, at nearly 0" in capsys.readouterr().err
     args = train.parse_args(["--epochs", "5", "--warmup", "0.2"])
     engine.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=2)
     assert capsys.readouterr().err == ""  # two steps of warm-up: climbs as asked, nothing to say

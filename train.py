@@ -73,9 +73,10 @@ files: log.json, last.pt and best.pt go into --out-dir (default: the current fol
 resume: --resume takes the recipe and the epoch count from the checkpoint (a recipe flag given
   beside it is ignored, with a warning). --device, --precision, --no-channels-last, --compile,
   --workers and --sync-bn describe this machine: they come from the command line (or their defaults;
-  a --recipe seed run keeps its fp32 and NCHW); so does the number of processes: a run saved by 2 GPUs
-  continues on 1 or on 8. --data-dir and --no-download keep the checkpoint's values unless given;
-  --out-dir defaults to the checkpoint's folder (another one, holding no other run, branches the run).
+  a --recipe seed run keeps its NCHW, and its fp32 unless --precision is given); so does the number
+  of processes: a run saved by 2 GPUs continues on 1 or on 8. --data-dir and --no-download keep the checkpoint's values unless given;
+  --out-dir defaults to the checkpoint's folder (another one, holding no other run, branches the run:
+  its files go there first).
 
 torchrun: --batch-size is the global batch (each of N processes takes batch/N images), so the same
   command trains the same recipe on 1, 2 or 8 GPUs; BatchNorm statistics are per process unless
@@ -607,6 +608,7 @@ class Run:
             restore_checkpoint(self.runner, checkpoint)
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
             self.last_confusion = checkpoint.get("confusion")  # absent from checkpoints of earlier versions
+        self.resumed = checkpoint  # for catch_up_files
         self.writer = (BackgroundWriter if world.main else NoWriter)(saved_epoch=len(self.history))
         self.test = (augment.to_tensor(test_images).to(device), torch.from_numpy(test_labels).to(device))
         self.described = data_description(data, test_labels)
@@ -668,16 +670,19 @@ class Run:
         self.history, self.best = history, best
 
     def catch_up_files(self):
-        """On a resume, best.pt and log.json first agree with the checkpoint: a kill between an epoch's
-        writes (last.pt, then best.pt, then log.json) left them an epoch behind, and a resume into another
-        --out-dir finds neither there."""
-        epoch, source = len(self.history), os.path.abspath(self.args.resume)
+        """On a resume, the folder first agrees with the checkpoint: a kill between an epoch's writes
+        (last.pt, then best.pt, then log.json) left the last two an epoch behind, and a resume into
+        another --out-dir (a branch) starts there with the run as saved: last.pt, best.pt, log.json."""
+        epoch, best_epoch = len(self.history), self.best["epoch"]
+        in_place, source = resumes_in_place(self.args), os.path.abspath(self.args.resume)
         try:
-            if self.best["epoch"] == epoch:
-                files.atomic_link(source, self.paths[BEST_NAME])  # a hard link, or a copy across file systems
-            elif not resumes_in_place(self.args):
-                self.copy_best_checkpoint(os.path.join(os.path.dirname(source), BEST_NAME))
-            if self.log_on_disk_epochs() != epoch:
+            if not in_place:  # the loaded checkpoint itself: the file may change meanwhile (a live run)
+                save_checkpoint(self.resumed, self.paths[LAST_NAME])
+            if best_epoch == epoch:
+                files.atomic_link(self.paths[LAST_NAME] if not in_place else source, self.paths[BEST_NAME])
+            elif not in_place:
+                self.bring_best_checkpoint(os.path.join(os.path.dirname(source), BEST_NAME))
+            if not in_place or self.log_on_disk_epochs() < epoch:
                 finished = epoch == self.args.epochs and self.last_confusion is not None
                 final = final_metrics(self.last_confusion, self.data.classes) if finished else None
                 files.write_json(self.paths[LOG_NAME], build_log(self.args, self.env, self.data.classes, self.history,
@@ -685,29 +690,40 @@ class Run:
         except OSError as error:
             raise WriteFailed(f"could not bring {self.args.out_dir}/ up to date with {source} "
                               f"({error.strerror or error}); nothing was trained") from None
+        if not os.path.exists(self.paths[BEST_NAME]):
+            note(f"no best.pt of epoch {best_epoch} came with {self.args.resume}: {self.paths[BEST_NAME]} appears "
+                 f"when an epoch beats its {self.best_key} {100 * self.best['value']:.2f}%; until then "
+                 f"gradcam.py can read {self.paths[LAST_NAME]}")
 
-    def copy_best_checkpoint(self, path):
-        """The best epoch's checkpoint from the resumed run's folder, if it is that epoch's."""
-        with contextlib.suppress(CheckpointError, KeyError):
-            if read_checkpoint(path)["epoch"] == self.best["epoch"]:
-                return files.atomic_link(path, self.paths[BEST_NAME])
-        note(f"{path} is not epoch {self.best['epoch']}'s checkpoint: {self.paths[BEST_NAME]} will be the best "
-             f"epoch from here on")
+    def bring_best_checkpoint(self, path):
+        """best.pt from the resumed run's folder, if it is this run's best epoch; else none (under
+        --overwrite, the replaced run's goes). Linked first, then checked: the source may change meanwhile."""
+        target = self.paths[BEST_NAME]
+        if os.path.exists(path):
+            files.atomic_link(path, target)
+            with contextlib.suppress(CheckpointError):
+                linked = read_checkpoint(target)
+                if linked.get("epoch") == self.best["epoch"] and linked.get("history") == self.history[:self.best["epoch"]]:
+                    return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(target)
 
     def log_on_disk_epochs(self):
-        """How many epochs log.json holds, with its summary (None: missing or unreadable), and whether
-        a finished run's log has its final metrics."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        """How many epochs log.json holds (0: missing, unreadable, another format, no summary, or a finished
+        run's log without its final metrics)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
             with open(self.paths[LOG_NAME]) as f:
                 log = json.load(f)
             done = len(log["epochs"]) == self.args.epochs
-            return len(log["epochs"]) if log["summary"] and (not done or "confusion_matrix" in log) else None
-        return None
+            complete = log.get("format") == LOG_FORMAT and log["summary"] and (not done or "confusion_matrix" in log)
+            return len(log["epochs"]) if complete else 0
+        return 0
 
     def run(self, stop):
         args, paths = self.args, self.paths
         if self.history:
             self.world.together(self.catch_up_files, here=self.world.main)
+        self.resumed = None  # its tensors are in the model and optimizer now
         if len(self.history) >= args.epochs:
             print(f"nothing to do: {args.resume} already holds all {args.epochs} epochs")
             return
