@@ -119,6 +119,16 @@ def _download(spec, data_dir):
         raise DatasetError(f"could not download {spec.title} ({reason}); {manual}") from None
 
 
+def _extract(spec, data_dir):
+    """Extract the official archive found in data_dir, after checking its md5."""
+    from torchvision.datasets.utils import extract_archive  # slow import: only when needed
+    archive = os.path.join(data_dir, spec.archive)
+    if _md5(archive) != spec.archive_md5:
+        raise DatasetError(f"{archive} is not the official {spec.title} archive (its md5 differs: damaged or "
+                           f"incomplete); delete it and download {spec.url} again")
+    extract_archive(archive, data_dir)
+
+
 def _read_pickle(path, spec):
     try:
         with open(path, "rb") as f:
@@ -136,15 +146,28 @@ def _read_batches(folder, files, spec):
         path = os.path.join(folder, name)
         entry = _read_pickle(path, spec)
         try:
-            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            batch_labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
-        except (KeyError, TypeError, ValueError) as error:
+            data, batch_labels = _batch_arrays(entry)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise DatasetError(f"{path} is not a CIFAR batch ({type(error).__name__}: {error})") from None
-        if len(batch_labels) != len(data):
-            raise DatasetError(f"{path} holds {len(data)} images but {len(batch_labels)} labels")
+        if len(batch_labels) != len(data) or not len(data):
+            raise DatasetError(f"{path} holds {len(data)} images and {len(batch_labels)} labels")
         images.append(data.transpose(0, 2, 3, 1))  # CIFAR stores CHW rows; keep HWC as albumentations wants
-        labels.append(np.asarray(batch_labels, dtype=np.int64))
+        labels.append(batch_labels)
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def _batch_arrays(entry):
+    """A batch's images as uint8 (N, 3, 32, 32) and labels as int64, from CIFAR's exact layout only: uint8
+    rows of 3072 values (1024 red, 1024 green, 1024 blue). Anything else (HWC images, floats in [0, 1])
+    would reshape without error into scrambled pictures."""
+    data = entry["data"]
+    labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"its 'data' is {found}, not CIFAR's uint8 rows of 3072 (CHW) values")
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError("its labels are not a list of integers")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_dataset(name, data_dir, download=True, test_only=False):
@@ -161,10 +184,13 @@ def load_dataset(name, data_dir, download=True, test_only=False):
     needed = train_files + spec.test_files + (spec.meta_file,)
     missing = [n for n, _ in needed if not os.path.isfile(os.path.join(folder, n))]
     if missing:
-        if not download:
+        if os.path.isfile(os.path.join(data_dir, spec.archive)):
+            _extract(spec, data_dir)  # an archive put there by hand: no download needed, --no-download or not
+        elif not download:
             raise DatasetError(f"{spec.title} not found: {folder}/ lacks {', '.join(missing)}; download "
-                               f"{spec.url} and extract it into {data_dir}/")
-        _download(spec, data_dir)
+                               f"{spec.url} into {data_dir}/ (or extract it there)")
+        else:
+            _download(spec, data_dir)
     mismatched = [n for n, md5 in needed if _md5(os.path.join(folder, n)) != md5]
     if mismatched:
         _warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "

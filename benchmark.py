@@ -50,7 +50,7 @@ def build_parser():
                         help="DataLoader workers (default: CPU count, at most 16, shared by torchrun's processes)")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="timed steps per row (default: 3 on a CPU, about 100 s on 2 cores; 100 on a GPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and weights (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the augmentation (default: 0); the synthetic images are fixed")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     parser.add_argument("--out-dir", default=".", help="where benchmark.json goes (default: the current folder)")
     return parser
@@ -61,8 +61,10 @@ def check_args(args, world):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must not be negative (got {args.workers})")
+    for name in ("workers", "seed"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name} must not be negative (got {value})")
     if args.batch_size % world.size:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch and does not divide among "
                          f"{world.size} processes; give a multiple of {world.size}")

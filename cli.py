@@ -1,7 +1,8 @@
-"""Command-line plumbing that train.py, gradcam.py and plot_curves.py share. Standard library only:
-plot_curves.py must start fast, without torch.
+"""Command-line plumbing that train.py, gradcam.py and plot_curves.py share. Standard library only on
+import (picture_format imports matplotlib when called): plot_curves.py must start fast, without torch.
 
     parser = cli.Parser(description="...")       # argparse; a bad flag is one line and a hint to --help
+    cli.picture_format("a.pdf", UsageError)       # "pdf", as matplotlib writes it; else UsageError(one line)
     return cli.run_quietly_into_a_closed_pipe(work)   # `script | head -1` ends quietly
 
 Nothing happens on import.
@@ -16,6 +17,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def picture_format(path, error):
+    """The picture format that the file name's extension names, as matplotlib writes it; otherwise
+    raise error(a one-line message) (each script's UsageError)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    if extension not in supported:
+        raise error(f"--out {path}: name a picture format by its extension: "
+                    f"{', '.join('.' + e for e in sorted(supported))}")
+    return extension
 
 
 def run_quietly_into_a_closed_pipe(work):

@@ -237,18 +237,7 @@ def check_args(args):
     if grid and len(args.layer) > 1:
         raise UsageError(f"{grid} draws one layer's maps: give one --layer (several work with --image)")
     if args.out is not None:
-        picture_format(args.out)
-
-
-def picture_format(path):
-    """The picture format that the file name's extension names, as matplotlib writes it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    extension = os.path.splitext(path)[1].lower().lstrip(".")
-    if extension not in supported:
-        raise UsageError(f"--out {path}: name a picture format by its extension: "
-                         f"{', '.join('.' + e for e in sorted(supported))}")
-    return extension
+        cli.picture_format(args.out, UsageError)
 
 
 def load_model(path, device):
@@ -290,7 +279,7 @@ def write_atomically(path, data):
 
 def save_figure(figure, path):
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=picture_format(path), dpi=100)
+    figure.savefig(buffer, format=cli.picture_format(path, UsageError), dpi=100)
     write_atomically(path, buffer.getvalue())
 
 

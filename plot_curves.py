@@ -28,11 +28,12 @@ def build_parser():
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log.json file(s) written by train.py")
     parser.add_argument("--out", default=None,
-                        help="picture to write (default: LOG_curves.png beside the first log, or "
-                             "compare_curves.png there for several logs)")
+                        help="picture to write, in the format its extension names (.png, .pdf, .svg, ...) "
+                             "(default: LOG_curves.png beside the first log, or compare_curves.png there for "
+                             "several logs)")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per log (default: from the paths)")
     parser.add_argument("--no-confusion", dest="confusion", action="store_false",
-                        help="skip the confusion-matrix picture (written as OUT_confusion.png for a single "
+                        help="skip the confusion-matrix picture (written as OUT_confusion.EXT for a single "
                              "log that has one, i.e. a finished run)")
     return parser
 
@@ -164,8 +165,8 @@ def curves_figure(logs, labels, summaries):
     if len(logs) == 1:
         figure.suptitle(f"{labels[0]}: {one_line(summaries[0])}", fontsize=11)
     else:
-        figure.suptitle("; ".join(f"{label}: {100 * s['final_test_acc']:.2f}%" for label, s in
-                                  zip(labels, summaries)) + " final test accuracy", fontsize=11)
+        figure.suptitle("final accuracy: " + "; ".join(f"{label} {100 * s['final_test_acc']:.2f}% {s['accuracy_name']}"
+                                                      for label, s in zip(labels, summaries)), fontsize=11)
     figure.tight_layout()
     return figure
 
@@ -176,22 +177,25 @@ def confusion_figure(log, label):
     figure = new_figure((14, 6))
     matrix_axis, bar_axis = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
     image = matrix_axis.imshow(matrix, cmap="Blues")
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            matrix_axis.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                             color="white" if count > 0.5 * max(max(r) for r in matrix) else "black")
+    darkest = max(max(row) for row in matrix)
+    if len(classes) <= 20:  # CIFAR-100's 10,000 cells would be unreadable numbers
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                matrix_axis.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                                 color="white" if count > 0.5 * darkest else "black")
     matrix_axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
                     title=f"confusion matrix ({evaluated_on(log)}, final epoch)")
     matrix_axis.set_xticklabels(classes, rotation=45, ha="right")
     matrix_axis.set_yticklabels(classes)
     figure.colorbar(image, ax=matrix_axis, fraction=0.046)
-    accuracies = [100 * (per_class[name] or 0) for name in classes]
-    bar_axis.barh(range(len(classes)), accuracies, color="C0")
+    # None: no image of that class was evaluated (a --test-subset smaller than the classes): no bar, not 0%.
+    accuracies = [None if per_class[name] is None else 100 * per_class[name] for name in classes]
+    bar_axis.barh(range(len(classes)), [value or 0 for value in accuracies], color="C0")
     bar_axis.set(yticks=range(len(classes)), xlim=(0, 100), xlabel="accuracy (%)", title="per-class accuracy")
     bar_axis.set_yticklabels(classes)
     bar_axis.invert_yaxis()
     for y, value in enumerate(accuracies):
-        bar_axis.text(value, y, f" {value:.1f}%", va="center", fontsize=8)
+        bar_axis.text(value or 0, y, " no images" if value is None else f" {value:.1f}%", va="center", fontsize=8)
     figure.suptitle(f"{label}: final {accuracy_name(log)} accuracy {100 * log['epochs'][-1]['test_acc']:.2f}% "
                     f"({evaluated_on(log)})", fontsize=11)
     figure.tight_layout()
@@ -201,7 +205,7 @@ def confusion_figure(log, label):
 def save_figure(figure, path):
     """Atomically: a reader sees the old picture or the whole new one, never a part."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format=cli.picture_format(path, UsageError), dpi=100)
     try:
         files.atomic_write(path, buffer.getvalue())
     except OSError as error:
@@ -212,8 +216,8 @@ def output_paths(args):
     first = os.path.splitext(args.logs[0])[0]
     curves = args.out or (f"{first}_curves.png" if len(args.logs) == 1 else
                           os.path.join(os.path.dirname(args.logs[0]), "compare_curves.png"))
-    stem = os.path.splitext(curves)[0]
-    return curves, f"{stem[:-len('_curves')] if stem.endswith('_curves') else stem}_confusion.png"
+    stem, extension = os.path.splitext(curves)
+    return curves, f"{stem[:-len('_curves')] if stem.endswith('_curves') else stem}_confusion{extension}"
 
 
 def default_labels(paths):
@@ -231,6 +235,8 @@ def plot(args):
     loses no picture."""
     if args.labels is not None and len(args.labels) != len(args.logs):
         raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
+    if args.out is not None:
+        cli.picture_format(args.out, UsageError)
     logs = [read_log(path) for path in args.logs]
     labels = args.labels or default_labels(args.logs)
     for path, log in zip(args.logs, logs):

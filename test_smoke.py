@@ -240,6 +240,27 @@ def test_cifar100_format_trains(tmp_path):
     assert tuple(checkpoint["mean"]) == augment.CIFAR100_MEAN
 
 
+def test_load_dataset_refuses_what_is_not_cifars_layout(data_dir, tmp_path):
+    # HWC images (torchvision's CIFAR10.data pickled as is) or floats in [0, 1] would reshape into
+    # scrambled pictures without a word; labels that are no list, or an empty batch, used to crash.
+    images, labels = coloured_images(4, 0)
+    rows = images.transpose(0, 3, 1, 2).reshape(4, -1)
+    cases = [({"data": images, "labels": labels.tolist()}, "uint8 of shape (4, 32, 32, 3)"),
+             ({"data": rows / 255.0, "labels": labels.tolist()}, "float64"),
+             ({"data": rows.tolist(), "labels": labels.tolist()}, "'data' is list"),
+             ({"data": rows, "labels": 3}, "labels are not a list"),
+             ({"data": rows[:0], "labels": []}, "holds 0 images and 0 labels")]
+    for entry, message in cases:
+        copy = tmp_path / "copy"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(data_dir, copy)
+        with open(copy / "cifar-10-batches-py" / "test_batch", "wb") as f:
+            pickle.dump(entry, f)
+        with pytest.raises(augment.DatasetError, match=re.escape(message)) as error:
+            augment.load_dataset("cifar10", str(copy), download=False)
+        assert "test_batch is not a CIFAR batch" in str(error.value) or "holds 0" in str(error.value)
+
+
 def test_dataset_files_and_checksums_match_torchvision():
     from torchvision.datasets import CIFAR10, CIFAR100
     for spec, reference in ((augment.CIFAR10, CIFAR10), (augment.CIFAR100, CIFAR100)):
@@ -253,6 +274,23 @@ def test_dataset_files_and_checksums_match_torchvision():
 def test_missing_dataset_without_download_says_where(tmp_path):
     with pytest.raises(augment.DatasetError, match="cifar-10-python.tar.gz"):
         augment.load_dataset("cifar10", str(tmp_path), download=False)
+
+
+def test_an_archive_put_in_place_by_hand_is_extracted_without_downloading(data_dir, tmp_path, monkeypatch):
+    import tarfile
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(os.path.join(data_dir, "cifar-10-batches-py"), arcname="cifar-10-batches-py")
+    official = dataclasses.replace(augment.CIFAR10, archive_md5=augment._md5(str(archive)),
+                                   url="http://127.0.0.1:9/cifar-10-python.tar.gz")  # never reached
+    monkeypatch.setitem(augment.DATASETS, "cifar10", official)
+    data = augment.load_dataset("cifar10", str(tmp_path), download=False)
+    assert len(data.test_labels) == 40 and (tmp_path / "cifar-10-batches-py" / "test_batch").exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:1000])
+    with pytest.raises(augment.DatasetError, match="is not the official CIFAR-10 archive"):
+        augment.load_dataset("cifar10", str(damaged), download=True)
 
 
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
@@ -1190,6 +1228,21 @@ def test_plot_curves_partial_and_several_logs(trained_run, tmp_path, capsys):
     assert_png(out)
 
 
+def test_plot_curves_writes_the_format_named_and_says_what_was_measured(trained_run, tmp_path, capsys):
+    assert plot_curves.main([str(trained_run / "log.json"), "--out", str(tmp_path / "curves.pdf")]) == 0
+    for name in ("curves.pdf", "curves_confusion.pdf"):  # PDF bytes, not PNG bytes in a .pdf
+        assert (tmp_path / name).read_bytes()[:4] == b"%PDF", name
+    log = json.loads((trained_run / "log.json").read_text())  # the tiny dataset: held-out images, not test
+    summaries = [plot_curves.summary(log)] * 2
+    title = plot_curves.curves_figure([log, log], ["a", "b"], summaries)._suptitle.get_text()
+    assert "held-out" in title and "test" not in title, title
+    # A class with no evaluated image (a --test-subset of 5 on 10 classes) has no accuracy: not 0%.
+    per_class = dict(log["per_class_accuracy"], cat=None)
+    figure = plot_curves.confusion_figure(dict(log, per_class_accuracy=per_class), "a")
+    labels = [text.get_text() for text in figure.axes[1].texts]
+    assert labels[log["classes"].index("cat")] == " no images"
+
+
 def test_plot_curves_bad_input(trained_run, tmp_path, capsys):
     (tmp_path / "text.json").write_text("not json {")
     (tmp_path / "other.json").write_text(json.dumps({"loss": [1, 2]}))
@@ -1202,7 +1255,8 @@ def test_plot_curves_bad_input(trained_run, tmp_path, capsys):
              ([str(tmp_path / "other.json")], "not a training log"),
              ([str(tmp_path / "empty.json")], "no finished epoch"),
              ([str(trained_run / "log.json"), "--out", str(blocker / "x.png")], "cannot write"),
-             ([str(trained_run / "log.json"), "--labels", "a", "b"], "one name per log")]
+             ([str(trained_run / "log.json"), "--labels", "a", "b"], "one name per log"),
+             ([str(trained_run / "log.json"), "--out", str(tmp_path / "x.doc")], "name a picture format")]
     open_figures = len(plt.get_fignums())
     for argv, message in cases:
         code, err = run_main(plot_curves, argv, capsys)
@@ -1460,6 +1514,15 @@ def test_heap_reuse_holds_inside_the_run_only():
         assert mmapped_bytes_of_a_64mib_tensor(libc) >= 2**26  # glibc's defaults are back
     with engine.freed_memory_kept_in_heap(False) as applied:
         assert not applied
+
+
+def test_benchmark_bad_input(tmp_path, capsys):
+    for argv, message in [(["--seed", "-1"], "--seed must not be negative"),
+                          (["--steps", "0"], "--steps must be at least 1"),
+                          (["--workers", "-2"], "--workers must not be negative")]:
+        code, err = run_main(benchmark, [*argv, "--device", "cpu", "--out-dir", str(tmp_path)], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not os.listdir(tmp_path)
 
 
 def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
