@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 
@@ -50,9 +51,14 @@ def mps_available():
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
-def cpu_supports_bf16():
-    """oneDNN has fast bf16 kernels here (AVX512-BF16 or AMX); elsewhere bf16 on a CPU is slower than fp32."""
+def cpu_supports_bf16(machine=None):
+    """The CPU has bf16 instructions (x86: AVX512-BF16 or AMX; ARM: what oneDNN reports); elsewhere bf16
+    on a CPU is slower than fp32. On x86, oneDNN's own check says yes for any AVX-512 CPU (Skylake to Ice
+    Lake servers), which emulates bf16."""
+    machine = (machine or platform.machine()).lower()
     try:
+        if machine in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
@@ -152,7 +158,8 @@ def build_problem(capability, arch_list):
     """Why this PyTorch build has no kernels for this GPU, or None. A build lists the architectures it
     was compiled for (torch.cuda.get_arch_list()); a GPU older than all of them fails at its first kernel
     ("no kernel image is available"): torch 2.14's CUDA 13 wheels start at sm_75, without the V100's sm_70."""
-    built = sorted(int(arch.split("_")[1]) for arch in arch_list if arch.startswith("sm_"))
+    # Source builds may name architectures with a suffix (sm_90a, sm_100f): the digits count.
+    built = sorted(int(re.match(r"sm_(\d+)", arch).group(1)) for arch in arch_list if re.match(r"sm_\d+", arch))
     major, minor = capability
     if built and major * 10 + minor < built[0]:
         return (f"this PyTorch build has GPU kernels from compute capability {built[0] // 10}.{built[0] % 10} on; "
@@ -251,6 +258,9 @@ PRECISION_SETTINGS = {
     "matmul_fp32_precision": _attribute(torch.backends.cuda.matmul, "fp32_precision"),
     "cudnn_conv_fp32_precision": _attribute(torch.backends.cudnn.conv, "fp32_precision"),
     "cudnn_rnn_fp32_precision": _attribute(torch.backends.cudnn.rnn, "fp32_precision"),
+    # Last: after allow_tf32 was written, torch.get_float32_matmul_precision() raises ("mix of the legacy
+    # and new APIs") until this sets it again; a notebook's "medium" would otherwise be broken by a run.
+    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
 }
 
 

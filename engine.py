@@ -334,7 +334,8 @@ def make_train_loader(images, labels, args, mean, device, workers, normalize_std
     # processes of this machine share what is free.
     pixel_bytes = 1 if normalize_std is None else 4  # uint8, or float32 normalized in the workers
     batch_bytes = world.per_rank(args.batch_size) * (images[0].size * pixel_bytes + labels[:1].nbytes)
-    prefetch = devices.fit_prefetch(devices.free_shared_memory() // world.local_size, workers, batch_bytes,
+    free = devices.free_shared_memory()  # None where there is no /dev/shm to count (macOS, Windows)
+    prefetch = devices.fit_prefetch(None if free is None else free // world.local_size, workers, batch_bytes,
                                     dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
     dataset = augment.AugmentedImages(images, labels, augment.train_transform(
         mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),

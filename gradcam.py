@@ -104,7 +104,8 @@ class GradCAM:
         self.modules = find_modules(model, self.layers)
 
     def __call__(self, images, targets=None):
-        was_training = self.model.training
+        # Each module's own mode: a model training with frozen BatchNorm layers (bn.eval()) keeps them so.
+        modes = {module: module.training for module in self.model.modules()}
         self.model.eval()
         try:
             # An input that needs a gradient makes a graph even when every parameter is frozen.
@@ -120,7 +121,8 @@ class GradCAM:
             maps = [cam_map(a.detach().float(), g.float(), self.method, images.shape[-2:])
                     for a, g in zip(activations, gradients)]
         finally:
-            self.model.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         return torch.stack(maps, dim=1), logits.detach(), targets
 
     @staticmethod
@@ -135,15 +137,17 @@ class GradCAM:
 # ----------------------------------------------------------------------------- images
 
 def load_image(path):
-    """Any image Pillow reads -> RGB uint8 (H, W, 3); transparency is composited over white, 16-bit and
-    32-bit integer images are read at their 16-bit range, float images in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """Any image Pillow reads -> RGB uint8 (H, W, 3), upright as its EXIF orientation says (a phone's
+    photo); transparency (an alpha channel or a colour key) is composited over white, 16-bit and 32-bit
+    integer images are read at their 16-bit range, float images in [0, 1]."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
             if image.mode.startswith("I") or image.mode == "F":
                 return grey_at_its_range(np.asarray(image), image.mode, path)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(white, rgba)
@@ -152,6 +156,8 @@ def load_image(path):
         raise UsageError(f"image {path} not found") from None
     except IsADirectoryError:
         raise UsageError(f"{path} is a folder, not an image") from None
+    except Image.DecompressionBombError as error:
+        raise UsageError(f"{path} is too large to read safely ({error}); use a smaller copy") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UsageError(f"{path} is not an image Pillow can read ({type(error).__name__})") from None
 

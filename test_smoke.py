@@ -714,6 +714,16 @@ def test_auto_precision_on_cpus_and_macs():
     assert "slow" in devices.precision_warning("fp16", devices.Facts("cpu"))
 
 
+def test_cpu_bf16_needs_the_instructions_not_just_avx512(monkeypatch):
+    # oneDNN's own check says yes on any AVX-512 CPU (Skylake to Ice Lake servers), which emulates bf16.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert devices.cpu_supports_bf16("x86_64") is expected
+    assert devices.cpu_supports_bf16("aarch64")  # ARM: oneDNN's answer
+
+
 def test_a_t4_gets_fp16_although_torch_calls_bf16_supported(monkeypatch, capsys):
     # torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation); the capability decides.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -896,6 +906,18 @@ def test_a_programs_own_precision_settings_survive_a_run(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+def test_a_notebooks_float32_matmul_precision_survives_a_gpu_run():
+    # Writing the legacy allow_tf32 flag makes torch.get_float32_matmul_precision() raise ("mix of the
+    # legacy and new APIs") until the precision is set again.
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with devices.applied(devices.backend_settings("cuda", deterministic=False)):
+            pass
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 def test_compile_and_fused_sgd_by_gpu():
     assert "7.0" in devices.compile_problem(devices.Facts("cuda", (6, 1)))  # P100, GTX 10xx: no Triton
     assert devices.compile_problem(devices.Facts("cuda", (7, 5))) is None
@@ -929,6 +951,16 @@ def test_prefetch_fits_shared_memory(free_mb, workers, expected):
     batch_bytes = 512 * (3072 + 8)  # a uint8 batch of 512 and its int64 labels
     free = None if free_mb is None else free_mb * 10**6
     assert devices.fit_prefetch(free, workers, batch_bytes) == expected
+
+
+def test_a_machine_without_dev_shm_gets_a_loader(monkeypatch):
+    # macOS and Windows have no /dev/shm: free_shared_memory() says None, and the loader is made anyway.
+    monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": None)
+    images, labels = coloured_images(64, 0)
+    args = train.build_parser().parse_args(["--batch-size", "32"])
+    loader, _ = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 0,
+                                         world=engine.World(size=2, local_size=2))
+    assert len(loader) == 2
 
 
 def test_too_little_shared_memory_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
@@ -1007,11 +1039,12 @@ def test_gradcam_equals_pytorch_grad_cam(method, layer):
 def test_gradcam_leaves_model_as_found():
     model, images = random_model_and_inputs()
     model.train()
+    model.bn1.eval()  # a model fine-tuned with a frozen BatchNorm layer
     model.layer1.requires_grad_(False)
     maps, logits, _ = gradcam.GradCAM(model, ["layer2", "layer4"])(images)
     assert maps.shape == (8, 2, 32, 32) and logits.shape == (8, 10)
     assert 0 <= maps.min() and maps.max() <= 1
-    assert model.training
+    assert model.training and model.layer4.training and not model.bn1.training
     assert not any(p.requires_grad for p in model.layer1.parameters())
     assert all(p.requires_grad for p in model.layer4.parameters())
     assert all(p.grad is None for p in model.parameters())
@@ -1038,6 +1071,29 @@ def save_test_images(folder):
     for name, image in paths.items():
         image.save(folder / name)
     return [str(folder / name) for name in paths]
+
+
+def test_gradcam_reads_photos_upright_and_colour_keys_as_transparent(tmp_path):
+    from PIL import Image
+    left_red = np.zeros((10, 20, 3), np.uint8)
+    left_red[:, :10, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; viewers rotate 90 degrees clockwise
+    Image.fromarray(left_red).save(tmp_path / "phone.png", exif=exif)
+    upright = gradcam.load_image(str(tmp_path / "phone.png"))
+    assert upright.shape == (20, 10, 3) and upright[:10, :, 0].min() == 255 and upright[10:, :, 0].max() == 0
+    keyed = Image.fromarray(left_red)
+    keyed.save(tmp_path / "keyed.png", transparency=(0, 0, 0))  # an RGB PNG whose black is transparent
+    pixels = gradcam.load_image(str(tmp_path / "keyed.png"))
+    assert (pixels[:, 10:] == 255).all() and (pixels[:, :10] == (255, 0, 0)).all()  # white, not black
+
+
+def test_gradcam_refuses_a_decompression_bomb_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the limit, as a bomb is
+    with pytest.raises(gradcam.UsageError, match="too large to read safely"):
+        gradcam.load_image(str(tmp_path / "big.png"))
 
 
 def test_gradcam_cli_writes_picture_top5_and_maps(trained_run, tmp_path, capsys):
@@ -1879,6 +1935,7 @@ def test_gpus_this_build_has_no_kernels_for_and_too_few_gpus(monkeypatch):
     assert "a PyTorch build for it" in devices.build_problem((7, 0), cuda_13)  # a V100
     assert devices.build_problem((7, 5), cuda_13) is None and devices.build_problem((12, 1), cuda_13) is None
     assert devices.build_problem((6, 0), []) is None  # a CPU-only build lists nothing: nothing to say
+    assert "from compute capability 9.0 on" in devices.build_problem((8, 0), ["sm_90a", "sm_100f", "compute_90"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(devices.DeviceError, match="LOCAL_RANK 2, but this machine shows 2 GPU"):

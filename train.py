@@ -176,7 +176,8 @@ def build_parser(recipe="default"):
                        help="seed of weights, data order and augmentation (default: %(default)s)")
     speed.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower); with it a resumed CPU run repeats an "
-                            "uninterrupted one exactly")
+                            "uninterrupted one exactly. On a GPU inside a notebook that used it already, set "
+                            "CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out-dir", default=None,
