@@ -11,10 +11,10 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import itertools
 import json
 import pickle
 import platform
+import queue
 import re
 import shutil
 import socket
@@ -294,7 +294,10 @@ def test_an_archive_put_in_place_by_hand_is_extracted_without_downloading(data_d
 
 
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
-    # Nothing listens on port 9 of the loopback: the download fails at once, as it does offline.
+    # Nothing listens on port 9 of the loopback: the download fails at once, as it does offline (a proxy
+    # from the environment would be asked instead, and might wait).
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
     unreachable = dataclasses.replace(augment.CIFAR10, url="http://127.0.0.1:9/cifar-10-python.tar.gz")
     monkeypatch.setitem(augment.DATASETS, "cifar10", unreachable)
     with pytest.raises(augment.DatasetError) as error:
@@ -1342,7 +1345,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def env_with_switches(pause_in_write=None, wait_in_epoch=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if pause_in_write:
-        env["TRAIN_TEST_PAUSE_IN_WRITE"] = str(pause_in_write)  # test-only: hold each write half-done
+        env["TRAIN_TEST_PAUSE_IN_WRITE"] = pause_in_write  # test-only: say so and wait inside a write of that file
     if wait_in_epoch:
         env["TRAIN_TEST_WAIT_FOR_SIGNAL"] = str(wait_in_epoch)  # test-only: after the epoch's first step, wait
     return env
@@ -1363,10 +1366,6 @@ def wait_for(condition, process, timeout=120):
         time.sleep(0.01)
     process.kill()
     raise AssertionError("timed out waiting for the training process")
-
-
-def temp_file_of(out, name):
-    return lambda: out.exists() and any(n.startswith(f"{name}.tmp-") for n in os.listdir(out))
 
 
 def assert_files_consistent(out):
@@ -1395,12 +1394,11 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
         epoch_before = assert_files_consistent(out) if out.exists() else 0
         if epoch_before == 3:
             break
-        process = start_training(resume if epoch_before else fresh, pause_in_write=0.4,
+        process = start_training(resume if epoch_before else fresh, pause_in_write=None if where == "step" else where,
                                  wait_in_epoch=epoch_before + 1 if where == "step" else None)
-        if where == "step":  # the process says when it is between two steps, and waits there
-            wait_for(lambda: process.stderr.readline().startswith("test: between steps"), process)
-        else:
-            wait_for(temp_file_of(out, where), process)
+        # The process says when it is between two steps, or half-way through a write of that file, and waits there.
+        said = "test: between steps" if where == "step" else f"test: inside a write of {where}"
+        wait_for(lambda: process.stderr.readline().startswith(said), process)
         process.send_signal(how)
         stdout, stderr = process.communicate(timeout=120)
         if how != signal.SIGKILL:
@@ -1438,9 +1436,11 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
         return evaluate(runner, *args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate", out_of_memory_in_epoch_2)
-    monkeypatch.setattr(files, "pause_for_tests", lambda: failed.wait(timeout=30))  # writes finish after it
+    waited = []  # whether each write waited for the failure (not for the timeout)
+    monkeypatch.setattr(files, "pause_for_tests", lambda path: waited.append(failed.wait(timeout=60)))
     with pytest.raises(RuntimeError, match="simulated"):
         train.main(tiny_args(data_dir, tmp_path))
+    assert waited and all(waited), waited
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
@@ -1467,7 +1467,7 @@ def test_a_stop_after_the_last_step_finishes_the_run(data_dir, tmp_path, monkeyp
 def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, monkeypatch, capsys):
     writes = []
 
-    def disk_full_on_second_epoch():
+    def disk_full_on_second_epoch(path):
         writes.append(1)
         if len(writes) > 2:  # epoch 1 wrote last.pt and log.json; the next write finds the disk full
             raise OSError(28, "No space left on device")
@@ -1494,7 +1494,8 @@ def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, m
 
     overlapped = []
     monkeypatch.setattr(engine, "train_one_epoch", note_the_start)
-    monkeypatch.setattr(files, "pause_for_tests", lambda: overlapped.append(second_epoch_started.wait(timeout=30)))
+    monkeypatch.setattr(files, "pause_for_tests",
+                        lambda path: overlapped.append(second_epoch_started.wait(timeout=30)))
     assert train.main(tiny_args(data_dir, tmp_path)) == 0
     assert overlapped and all(overlapped), overlapped
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
@@ -1617,15 +1618,32 @@ def torchrun(argv, *launcher, script="train.py", wait_in_epoch=None):
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def ranks_waiting(processes, count):
-    """Wait until `count` ranks of these torchrun launches say they are between steps; their process ids."""
+def ranks_waiting(processes, count, timeout=120):
+    """Wait until `count` ranks of these torchrun launches say they are between steps. Each launcher's
+    stderr is read in a thread of its own: the launchers' lines arrive in any order. Returns the ranks'
+    process ids, and a function that gives a launcher's whole stderr once it has ended."""
+    arrived, read = queue.Queue(), {process: [] for process in processes}
+
+    def reader(process):
+        for line in process.stderr:
+            read[process].append(line)
+            arrived.put(line)
+        arrived.put(None)  # this launcher ended
+
+    threads = {process: threading.Thread(target=reader, args=(process,), daemon=True) for process in processes}
+    for thread in threads.values():
+        thread.start()
     pids = []
-    for process in itertools.cycle(processes):
-        if len(pids) >= count:
-            return pids
-        line = process.stderr.readline()
-        assert line or process.poll() is None, f"torchrun ended early: {process.communicate()}"
+    while len(pids) < count:
+        line = arrived.get(timeout=timeout)
+        assert line is not None, f"torchrun ended early: {''.join(sum(read.values(), []))}"
         pids += [int(pid) for pid in re.findall(r"test: between steps, waiting for a signal \(pid (\d+)\)", line)]
+
+    def stderr_of(process):
+        process.wait(timeout=timeout)
+        threads[process].join(timeout=timeout)
+        return "".join(read[process])
+    return pids, stderr_of
 
 
 def free_port():
@@ -1634,13 +1652,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def reference_evaluation(checkpoint_path, data_dir, batch_size):
-    """A single process's evaluation of a saved checkpoint on the test batch, one thread (as each rank had)."""
+def reference_evaluation(checkpoint_path, data_dir, batch_size, precision):
+    """A single process's evaluation of a saved checkpoint on the test batch, one thread (as each rank had),
+    in the run's precision (auto: bf16 or fp32, by the CPU)."""
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     args = argparse.Namespace(**checkpoint["args"])
     model = engine.build_model(10, args, torch.device("cpu"))
     model.load_state_dict(checkpoint["model"])
-    runner = engine.StepRunner(model, args, "bf16", torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
+    runner = engine.StepRunner(model, args, precision, torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
     data = augment.load_dataset("cifar10", data_dir, download=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -1667,7 +1686,7 @@ def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
     assert last["test_acc"] >= 0.5, log["epochs"]  # chance is 0.1: the learnable task was learned
     assert last["train_loss"] < log["epochs"][0]["train_loss"]
     # The sharded evaluation's counts equal one process's evaluation of the saved checkpoint, exactly.
-    reference = reference_evaluation(tmp_path / "last.pt", data_dir, batch_size=10)
+    reference = reference_evaluation(tmp_path / "last.pt", data_dir, batch_size=10, precision=env["precision"])
     assert (last["test_acc"], last["test_acc_tta"]) == (reference["acc"], reference["acc_tta"])
     assert log["confusion_matrix"] == reference["confusion"]
 
@@ -1683,10 +1702,10 @@ def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_p
     nodes = [torchrun(resume, "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank),
                       "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test", wait_in_epoch=3)
              for rank in (0, 1)]
-    ranks_waiting(nodes, 2)
+    _, stderr_of = ranks_waiting(nodes, 2)
     for node in nodes:  # a cluster's preemption: every launcher gets SIGTERM
         node.send_signal(signal.SIGTERM)
-    errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
+    errors = "".join(stderr_of(node) for node in nodes)
     assert all(node.returncode != 0 for node in nodes)
     assert errors.count("train.py: stopped at epoch 3, after step 2 of 4; epochs 1-2 are saved") == 1, errors
     assert "continue with: torchrun --nnodes 2 --nproc_per_node 1" in errors
@@ -1743,18 +1762,20 @@ def test_torchrun_sigterm_then_sigkill_of_one_rank_then_resume(data_dir, tmp_pat
     argv = tiny_args(data_dir, tmp_path, "--epochs", "3", "--train-subset", "128")
     # SIGTERM to each process (as Ctrl-C or a cluster does): both stop at the same step and exit 130.
     process = torchrun(argv, wait_in_epoch=2)
-    for pid in ranks_waiting([process], 2):
+    pids, stderr_of = ranks_waiting([process], 2)
+    for pid in pids:
         os.kill(pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    err = stderr_of(process)
     assert err.count("exitcode  : 130") == 2, err  # torchrun's report of both ranks
     assert "train.py: stopped at epoch 2, after step 2 of 4; epoch 1 is saved; continue with: torchrun " \
            "--standalone --nproc_per_node 2 train.py --resume" in err
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     assert assert_files_consistent(tmp_path) == 1
     # SIGKILL of one rank: torchrun ends the other; every file is still a complete version.
-    process = torchrun(["--resume", str(tmp_path / "last.pt"), "--device", "cpu"], wait_in_epoch=3)
-    os.kill(ranks_waiting([process], 2)[0], signal.SIGKILL)
-    _, err = process.communicate(timeout=120)
+    process = torchrun(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"], wait_in_epoch=3)
+    pids, stderr_of = ranks_waiting([process], 2)
+    os.kill(pids[0], signal.SIGKILL)
+    err = stderr_of(process)
     assert process.returncode != 0 and "SIGKILL" in err, err
     assert assert_files_consistent(tmp_path) in (1, 2)  # epoch 2's files may have been in the writing
     assert train.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]) == 0
