@@ -74,7 +74,7 @@ CIFAR100 = DatasetSpec(
 DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(Exception):
     """The dataset is missing, cannot be downloaded, or its files are not in CIFAR's format."""
 
 

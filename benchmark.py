@@ -93,8 +93,10 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
     """
     pool = min(batches, 100)
     images, labels = synthetic_images(args.batch_size * pool)
-    loader, sampler = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, device, workers,
-                                               augment.CIFAR10_STD if normalize_in_workers else None, world=world)
+    # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
+    loader, sampler = world.together(lambda: engine.make_train_loader(
+        images, labels, args, augment.CIFAR10_MEAN, device, workers,
+        augment.CIFAR10_STD if normalize_in_workers else None, world=world))
     non_blocking, synchronize = devices.copy_non_blocking(loader.pin_memory), devices.synchronizer(device.type)
 
     def one_pass(epoch):
@@ -145,8 +147,8 @@ def measure_all_reduce(device, steps, world):
 def measure_full_loop(args, precision, device, workers, steps, world):
     """The real training loop (engine.train_one_epoch) over `steps` batches; the second of two epochs is timed."""
     images, labels = synthetic_images(args.batch_size * steps)
-    loader, sampler = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, device, workers,
-                                               world=world)
+    loader, sampler = world.together(lambda: engine.make_train_loader(
+        images, labels, args, augment.CIFAR10_MEAN, device, workers, world=world))
     runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, steps_per_epoch=len(loader), world=world)
     with engine.StopFlag(world) as stop:

@@ -119,6 +119,15 @@ class World:
             totals.append(part if t.dim() else part[0])
         return totals
 
+    def same_everywhere(self, *values):
+        """Whether these integers are equal on every rank (a collective: every rank must call it)."""
+        if not self.launched:
+            return True
+        low, high = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=self.control)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        return torch.equal(low, high)
+
     def minimum(self, tensor):
         if self.launched:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)

@@ -606,6 +606,14 @@ def test_log_says_what_the_accuracies_were_measured_on(trained_run, tmp_path, ca
     assert "held-out images, not the official test set" in capsys.readouterr().out
 
 
+def test_too_few_training_images_for_the_processes_is_one_line(data_dir):
+    data = augment.load_dataset("cifar10", data_dir, download=False)
+    args = train.build_parser().parse_args(["--train-subset", "4"])
+    with pytest.raises(train.UsageError, match="4 training images cannot be shared among 8 processes"):
+        train.split_data(data, args, engine.World(size=8, local_size=8, launched=True))
+    assert len(train.split_data(data, args, engine.World(size=4, local_size=4, launched=True))[0][0]) == 4
+
+
 def test_subsets_and_dropped_images_are_said(data_dir, tmp_path, capsys):
     argv = tiny_args(data_dir, tmp_path, "--train-subset", "500", "--batch-size", "64", "--epochs", "1",
                      "--test-subset", "20")
@@ -1689,6 +1697,34 @@ def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
     reference = reference_evaluation(tmp_path / "last.pt", data_dir, batch_size=10, precision=env["precision"])
     assert (last["test_acc"], last["test_acc_tta"]) == (reference["acc"], reference["acc_tta"])
     assert log["confusion_matrix"] == reference["confusion"]
+
+
+def test_torchrun_a_failed_write_on_rank_0_stops_every_rank(data_dir, tmp_path):
+    # last.pt cannot be replaced (a folder stands there): rank 0's write of epoch 1 fails while epoch 2
+    # trains. The other rank must stop too, at the same point, instead of waiting for rank 0 in a step.
+    (tmp_path / "last.pt").mkdir()
+    process = torchrun(tiny_args(data_dir, tmp_path, "--epochs", "3", "--train-subset", "128", "--overwrite"))
+    _, err = process.communicate(timeout=120)
+    assert "train.py: error: could not save epoch 1" in err, err
+    # torchrun's report: rank 0 failed (1); rank 1 stopped with it (2), unless torchrun ended it first (-15).
+    codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", err))
+    assert codes["0"] == "1" and codes.get("1", "-15") in ("2", "-15"), err
+    assert 'train.py", line' not in err, err  # no rank died in a collective with a traceback
+
+
+def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path):
+    # Two "machines", each with its own --data-dir: one holds fewer training images. Their ranks would
+    # take different numbers of steps and wait for each other forever.
+    smaller = write_cifar_folder(str(tmp_path / "smaller"), train_per_batch=16)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [torchrun(tiny_args(folder, tmp_path / "run", "--train-subset", "0", "--epochs", "1"), "--nnodes", "2",
+                      "--nproc_per_node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", endpoint, "--rdzv-id", "data")
+             for rank, folder in enumerate((data_dir, smaller))]
+    errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
+    assert all(node.returncode != 0 for node in nodes)
+    assert errors.count("train.py: error: the processes of this run read different data or checkpoints") == 1, errors
+    assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
 def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_path, monkeypatch, capsys):

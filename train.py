@@ -242,7 +242,7 @@ def resolve_device(args, world=engine.World()):
 
 # ----------------------------------------------------------------------------- data
 
-def split_data(data, args):
+def split_data(data, args, world=engine.World()):
     """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
     images, labels = data.train_images, data.train_labels
     if args.train_subset > len(images):
@@ -252,6 +252,9 @@ def split_data(data, args):
         images, labels = images[:args.train_subset], labels[:args.train_subset]
     if args.val_split >= len(images):
         raise UsageError(f"--val-split {args.val_split} leaves no training images (of {len(images)})")
+    if len(images) - args.val_split < world.size:
+        raise UsageError(f"{len(images) - args.val_split} training images cannot be shared among {world.size} "
+                         f"processes (each needs at least one); train on more images or with fewer processes")
     if not args.val_split:
         return (images, labels), None
     order = np.random.default_rng(args.seed).permutation(len(images))
@@ -541,6 +544,7 @@ def train(args, given=frozenset(), world=engine.World()):
         if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
             raise CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
                                   f"classes, but {args.dataset} has {len(data.classes)}")
+        check_same_everywhere(world, data, checkpoint)
         # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
         # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
         heap = engine.freed_memory_kept_in_heap(device.type == "cpu")
@@ -576,6 +580,16 @@ def load_data(args, world):
     return next(data for data in loaded if data is not None)
 
 
+def check_same_everywhere(world, data, checkpoint):
+    """Each machine reads its own --data-dir and checkpoint: different ones would make the ranks take
+    different numbers of steps (and wait for each other forever) or train different models."""
+    resumed_epochs = len(checkpoint["history"]) if checkpoint is not None else 0
+    if not world.same_everywhere(len(data.train_labels), len(data.test_labels), int(data.official), resumed_epochs):
+        raise UsageError("the processes of this run read different data or checkpoints (image counts, official "
+                         "files or resumed epochs differ): give every machine the same --data-dir contents and, "
+                         "with --resume, the same checkpoint")
+
+
 @contextlib.contextmanager
 def own_out_dir(out_dir):
     """Create the output folder and hold its lock; clear what a killed writer left."""
@@ -591,7 +605,7 @@ class Run:
 
     def __init__(self, args, data, checkpoint, device, precision, heap_reuse, world=engine.World()):
         torch.manual_seed(args.seed)
-        (train_images, train_labels), val = split_data(data, args)
+        (train_images, train_labels), val = split_data(data, args, world)
         test_images, test_labels = test_data(data, args)
         self.num_classes = len(data.classes)
         workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
@@ -650,9 +664,16 @@ class Run:
         record["seconds"] = time.perf_counter() - start
         return record, test["confusion"]
 
+    def files_written(self):
+        """Wait for rank 0's write in progress; a failed write (a full disk) stops every rank, not rank 0
+        alone (the others would wait for it in the next step). Returns the last epoch saved."""
+        self.world.together(self.writer.wait, here=self.world.main)
+        return self.writer.saved_epoch
+
     def save(self, record, confusion):
         """Snapshot a finished epoch (CPU copies: training may go on) and hand last.pt, best.pt and
         log.json to the writer, which writes them while the next epoch trains."""
+        self.files_written()  # the epoch before's, written while this one trained
         epoch, history = record["epoch"], self.history + [record]
         improved = self.best is None or record[self.best_key] > self.best["value"]
         best = {"metric": self.best_key, "value": record[self.best_key], "epoch": epoch} if improved else self.best
@@ -733,14 +754,13 @@ class Run:
                 record, confusion = self.epoch(epoch, stop)
                 self.save(record, confusion)
                 print(epoch_line(record, args.epochs, self.val is not None), flush=True)
-            self.writer.wait()
+            self.files_written()
         except Diverged as error:
-            done = self.writer.wait()
+            done = self.files_written()
             saved = f"{paths[LAST_NAME]} still holds epoch {done}" if done else "no epoch was saved"
             raise Diverged(f"{error}; {saved}. Lower --lr (or check the data) and start again") from None
         except (Stopped, KeyboardInterrupt) as error:
-            done = self.writer.wait()
-            self.world.any(False)  # every rank waits here until rank 0's files are complete
+            done = self.files_written()  # every rank waits here until rank 0's files are complete
             saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
                      f"{self.resume_command}" if done else "no epoch was completed, nothing was saved")
             raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
