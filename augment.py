@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import sys
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,8 +126,12 @@ def _extract(spec, data_dir):
     archive = os.path.join(data_dir, spec.archive)
     if _md5(archive) != spec.archive_md5:
         raise DatasetError(f"{archive} is not the official {spec.title} archive (its md5 differs: damaged or "
-                           f"incomplete); delete it and download {spec.url} again")
-    extract_archive(archive, data_dir)
+                           f"incomplete); delete it and download {spec.url} again (or run without --no-download)")
+    try:
+        extract_archive(archive, data_dir)
+    except (OSError, tarfile.TarError) as error:
+        raise DatasetError(f"could not extract {archive} into {data_dir}/ ({error}); check the free space and "
+                           f"that the folder is writable") from None
 
 
 def _read_pickle(path, spec):
@@ -157,14 +162,14 @@ def _read_batches(folder, files, spec):
 
 
 def _batch_arrays(entry):
-    """A batch's images as uint8 (N, 3, 32, 32) and labels as int64, from CIFAR's exact layout only: uint8
-    rows of 3072 values (1024 red, 1024 green, 1024 blue). Anything else (HWC images, floats in [0, 1])
-    would reshape without error into scrambled pictures."""
+    """A batch's images as uint8 (N, 3, 32, 32) and labels as int64, from CIFAR's layout only: uint8 rows
+    of 3072 values (1024 red, 1024 green, 1024 blue), or the same as (N, 3, 32, 32). Anything else (HWC
+    images, floats in [0, 1]) would reshape without error into scrambled pictures."""
     data = entry["data"]
     labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] in ((3072,), (3, 32, 32))):
         found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"its 'data' is {found}, not CIFAR's uint8 rows of 3072 (CHW) values")
+        raise ValueError(f"its 'data' is {found}, not CIFAR's uint8 rows of 3072 (CHW) values, (N, 3072)")
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError("its labels are not a list of integers")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
@@ -184,13 +189,14 @@ def load_dataset(name, data_dir, download=True, test_only=False):
     needed = train_files + spec.test_files + (spec.meta_file,)
     missing = [n for n, _ in needed if not os.path.isfile(os.path.join(folder, n))]
     if missing:
-        if os.path.isfile(os.path.join(data_dir, spec.archive)):
-            _extract(spec, data_dir)  # an archive put there by hand: no download needed, --no-download or not
+        archive = os.path.join(data_dir, spec.archive)
+        if os.path.isfile(archive) and (not download or _md5(archive) == spec.archive_md5):
+            _extract(spec, data_dir)  # put there by hand: no download needed, --no-download or not
         elif not download:
             raise DatasetError(f"{spec.title} not found: {folder}/ lacks {', '.join(missing)}; download "
                                f"{spec.url} into {data_dir}/ (or extract it there)")
         else:
-            _download(spec, data_dir)
+            _download(spec, data_dir)  # also over an incomplete archive (an interrupted download)
     mismatched = [n for n, md5 in needed if _md5(os.path.join(folder, n)) != md5]
     if mismatched:
         _warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "

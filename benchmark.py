@@ -274,9 +274,11 @@ def main(argv=None):
     try:
         with engine.quiet_unless(world.main):
             return benchmark(build_parser().parse_args(argv), world)
-    except (UsageError, devices.DeviceError) as error:
-        if world.main:
-            print(f"benchmark.py: error: {error}", file=sys.stderr)
+    except (UsageError, devices.DeviceError, engine.ElsewhereFailed) as error:
+        # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
+        if world.main or isinstance(error, devices.DeviceError):
+            rank = f" (rank {world.rank})" if world.launched and not world.main else ""
+            print(f"benchmark.py{rank}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -218,6 +218,10 @@ def processes(world, device):
     except RuntimeError:
         raise  # a collective failed: a peer may be gone, and tearing down would wait for it
     except BaseException:
+        if world.main:
+            # Rank 0 says why, after this: torchrun sends SIGTERM to the ranks still running as soon as one
+            # has ended, which another rank, meeting the same end, may do first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         torch.distributed.destroy_process_group()  # every rank met the same end (a stop, a shared error)
         raise
     torch.distributed.destroy_process_group()
@@ -402,8 +406,8 @@ def make_scheduler(optimizer, args, steps_per_epoch):
 
 def warmup_fraction(warmup, total_steps):
     """OneCycleLR's pct_start for a warm-up of `warmup` of the steps. One step or less cannot climb:
-    OneCycleLR divides by zero at exactly one (5 steps at 0.2) and starts at the peak below it; say so,
-    and start at the peak in both cases."""
+    OneCycleLR divides by zero at exactly one (5 steps at 0.2) and below it starts part-way down its
+    anneal; say so, and start at the peak in both cases."""
     if warmup * total_steps > 1:
         return warmup
     starts = ("the run starts at the peak lr" if total_steps > 1 else

@@ -177,7 +177,7 @@ def build_parser(recipe="default"):
     speed.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower); with it a resumed CPU run repeats an "
                             "uninterrupted one exactly. On a GPU inside a notebook that used it already, set "
-                            "CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python")
+                            "CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python to be sure")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out-dir", default=None,
@@ -541,10 +541,11 @@ def train(args, given=frozenset(), world=engine.World()):
         # data while the others wait; a failure anywhere stops every rank.
         world.together(lambda: check_new_run(args, checkpoint), here=world.main)
         data = load_data(args, world)
+        check_same_everywhere(world, args, data, checkpoint)  # then every rank decides alike below
         if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
             raise CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
                                   f"classes, but {args.dataset} has {len(data.classes)}")
-        check_same_everywhere(world, data, checkpoint)
+        parts = split_data(data, args, world)
         # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
         # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
         heap = engine.freed_memory_kept_in_heap(device.type == "cpu")
@@ -553,7 +554,7 @@ def train(args, given=frozenset(), world=engine.World()):
             stop = stack.enter_context(engine.StopFlag(world))
             stack.enter_context(engine.process_settings(device, args.deterministic))
             heap_reuse = stack.enter_context(heap)
-            Run(args, data, checkpoint, device, precision, heap_reuse, world).run(stop)
+            Run(args, data, parts, checkpoint, device, precision, heap_reuse, world).run(stop)
     return 0
 
 
@@ -580,11 +581,14 @@ def load_data(args, world):
     return next(data for data in loaded if data is not None)
 
 
-def check_same_everywhere(world, data, checkpoint):
-    """Each machine reads its own --data-dir and checkpoint: different ones would make the ranks take
-    different numbers of steps (and wait for each other forever) or train different models."""
-    resumed_epochs = len(checkpoint["history"]) if checkpoint is not None else 0
-    if not world.same_everywhere(len(data.train_labels), len(data.test_labels), int(data.official), resumed_epochs):
+def check_same_everywhere(world, args, data, checkpoint):
+    """Each machine reads its own --data-dir and checkpoint (whose recipe it continues): different ones
+    would make the ranks take different numbers of steps (and wait for each other forever) or train
+    different models."""
+    resumed = (len(checkpoint["history"]), checkpoint["model_args"].get("num_classes") or 0) if checkpoint else (0, 0)
+    if not world.same_everywhere(len(data.train_labels), len(data.test_labels), len(data.classes), int(data.official),
+                                 *resumed, args.epochs, args.batch_size, args.train_subset, args.val_split or 0,
+                                 args.test_subset):
         raise UsageError("the processes of this run read different data or checkpoints (image counts, official "
                          "files or resumed epochs differ): give every machine the same --data-dir contents and, "
                          "with --resume, the same checkpoint")
@@ -603,9 +607,10 @@ def own_out_dir(out_dir):
 class Run:
     """The state of one training run and its two jobs: run an epoch, save what it produced."""
 
-    def __init__(self, args, data, checkpoint, device, precision, heap_reuse, world=engine.World()):
+    def __init__(self, args, data, parts, checkpoint, device, precision, heap_reuse, world=engine.World()):
+        """parts: split_data's (train, val)."""
         torch.manual_seed(args.seed)
-        (train_images, train_labels), val = split_data(data, args, world)
+        (train_images, train_labels), val = parts
         test_images, test_labels = test_data(data, args)
         self.num_classes = len(data.classes)
         workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
