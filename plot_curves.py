@@ -33,8 +33,9 @@ def build_parser():
                              "several logs)")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per log (default: from the paths)")
     parser.add_argument("--no-confusion", dest="confusion", action="store_false",
-                        help="skip the confusion-matrix picture (written as OUT_confusion.EXT for a single "
-                             "log that has one, i.e. a finished run)")
+                        help="skip the confusion-matrix picture (written beside the curves as NAME_confusion.EXT, "
+                             "NAME being their name without _curves, for a single log that has one, i.e. a "
+                             "finished run)")
     return parser
 
 

@@ -88,7 +88,8 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} not found")
     # torch.save writes a zip archive; anything else (random bytes, a truncated copy) is not a checkpoint.
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file (not a zip archive)")
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file (not a zip archive); give a "
+                              f"last.pt or best.pt that train.py wrote")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -97,8 +98,8 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} refused: it holds more than tensors and plain values "
                               f"and loading it could run code ({first_line[:120]})") from None
     except Exception as error:  # damaged bytes fail in many ways (IndexError, KeyError, RuntimeError, ...)
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
-                              f"({type(error).__name__})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__}); "
+                              f"give a last.pt or best.pt that train.py wrote") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py "
                               f"(no '{CHECKPOINT_FORMAT}' format tag)")
