@@ -16,7 +16,7 @@ import sys
 import cli
 import files
 
-LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this; a test keeps the two equal
+LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this (runfiles.py); a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
 
 

@@ -29,6 +29,7 @@ import benchmark
 import engine
 import files
 import resnet
+import runfiles
 import train
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -326,7 +327,7 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
 
 def test_training_writes_log_and_checkpoints(trained_run):
     log = json.loads((trained_run / "log.json").read_text())
-    assert log["format"] == train.LOG_FORMAT and log["classes"] == CLASSES
+    assert log["format"] == runfiles.LOG_FORMAT and log["classes"] == CLASSES
     assert log["args"]["epochs"] == 2 and log["environment"]["device"] == "cpu"
     assert [r["epoch"] for r in log["epochs"]] == [1, 2]
     for record in log["epochs"]:
@@ -607,6 +608,23 @@ def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, t
     log = json.loads((tmp_path / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1] and log["summary"]["epochs_done"] == 1
     assert sum(map(sum, log["confusion_matrix"])) == log["data"]["test_images"] and "per_class_accuracy" in log
+    # Killed after last.pt and best.pt of the last epoch, before log.json: the log on disk is an epoch behind.
+    write_json = files.write_json
+
+    def killed_at_epoch_2(path, log):
+        if len(log["epochs"]) == 2:
+            raise Killed
+        write_json(path, log)
+
+    monkeypatch.setattr(train.files, "write_json", killed_at_epoch_2)
+    with pytest.raises(Killed):
+        train.main(tiny_args(data_dir, tmp_path / "two", "--epochs", "2"))
+    monkeypatch.undo()
+    assert len(json.loads((tmp_path / "two" / "log.json").read_text())["epochs"]) == 1
+    code = run_main(train, ["--resume", str(tmp_path / "two" / "last.pt"), "--device", "cpu", "--workers", "0"])[0]
+    assert code == 0 and "nothing to do" in capsys.readouterr().out
+    log = json.loads((tmp_path / "two" / "log.json").read_text())
+    assert [r["epoch"] for r in log["epochs"]] == [1, 2] and "confusion_matrix" in log
 
 
 def test_log_says_what_the_accuracies_were_measured_on(trained_run, tmp_path, capsys):
@@ -817,7 +835,7 @@ def test_checkpoint_of_a_gpu_run_holds_cpu_tensors(monkeypatch):
         for parameter in model.parameters():  # what SGD's first step creates
             runner.optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
         assert next(model.parameters()).device.type == "cuda"
-        checkpoint = train.build_checkpoint(runner, args, data, 1, [], None)
+        checkpoint = runfiles.build_checkpoint(runner, args, data, 1, [], None)
     tensors = list(tensors_in(checkpoint))
     assert len(tensors) > 2 * len(list(model.parameters())) and {t.device.type for t in tensors} == {"cpu"}
 
@@ -1274,7 +1292,7 @@ def assert_png(path, min_width=800, min_height=300):
 
 
 def test_plot_curves_reads_what_train_writes(trained_run, tmp_path, capsys):
-    assert plot_curves.LOG_FORMAT == train.LOG_FORMAT  # the two scripts agree on the schema
+    assert plot_curves.LOG_FORMAT == runfiles.LOG_FORMAT  # the two scripts agree on the schema
     log_path = tmp_path / "log.json"
     shutil.copy(trained_run / "log.json", log_path)
     assert plot_curves.main([str(log_path)]) == 0
@@ -2025,10 +2043,10 @@ def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path)
     runner = engine.StepRunner(engine.build_model(10, args, torch.device("cpu")), args, "bf16", torch.device("cpu"),
                                augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2)
     data = augment.load_dataset("cifar10", data_dir, download=False)
-    checkpoint = train.build_checkpoint(runner, args, data, 1, [], None)
+    checkpoint = runfiles.build_checkpoint(runner, args, data, 1, [], None)
     checkpoint["optimizer"]["param_groups"][0].update(fused=True, foreach=False)  # as a GPU run saves it
     before = {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
-    train.restore_checkpoint(runner, checkpoint)
+    runfiles.restore_checkpoint(runner, checkpoint)
     assert {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")} == before
 
 
@@ -2043,8 +2061,8 @@ def test_resume_puts_momentum_buffers_in_the_parameters_layout(data_dir, tmp_pat
     images, labels = coloured_images(8, 0)
     saved(augment.to_tensor(images), torch.from_numpy(labels))  # one step: momentum buffers exist
     data = augment.load_dataset("cifar10", data_dir, download=False)
-    train.save_checkpoint(train.build_checkpoint(saved, args, data, 1, [], None), tmp_path / "nchw.pt")
-    train.restore_checkpoint(resumed, torch.load(tmp_path / "nchw.pt", weights_only=True))
+    runfiles.save_checkpoint(runfiles.build_checkpoint(saved, args, data, 1, [], None), tmp_path / "nchw.pt")
+    runfiles.restore_checkpoint(resumed, torch.load(tmp_path / "nchw.pt", weights_only=True))
     parameters = list(resumed.model.parameters())
     assert any(p.dim() == 4 and not p.is_contiguous() for p in parameters)  # channels_last conv weights
     for parameter, before in zip(parameters, saved.model.parameters()):

@@ -12,14 +12,10 @@ torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 write
 """
 import argparse
 import contextlib
-import errno
-import io
 import json
 import os
-import platform
 import signal
 import sys
-import threading
 import time
 
 import numpy as np
@@ -30,11 +26,11 @@ import cli
 import devices
 import engine
 import files
+import runfiles
 from engine import Diverged, Stopped, note
-from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
+from resnet import CheckpointError, read_checkpoint
+from runfiles import BEST_NAME, LAST_NAME, LOCK_NAME, LOG_NAME
 
-LOG_NAME, LAST_NAME, BEST_NAME, LOCK_NAME = "log.json", "last.pt", "best.pt", ".train.lock"
-LOG_FORMAT = "resnet18-cifar-log/1"
 # Flags that describe the machine rather than the recipe: --resume takes them from the command line (or
 # their defaults, resolved for this machine); an A100's bf16 run may go on in fp16 on a T4.
 MACHINE_FLAGS = ("device", "precision", "channels_last", "compile", "workers", "sync_bn", "resume", "out_dir",
@@ -46,10 +42,6 @@ RUNTIME_FLAGS = MACHINE_FLAGS + PLACE_FLAGS
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2."""
-
-
-class WriteFailed(Exception):
-    """A checkpoint or log could not be written (full disk, say); the previous versions are intact."""
 
 
 # ----------------------------------------------------------------------------- command line
@@ -276,12 +268,6 @@ def test_data(data, args):
 
 # ----------------------------------------------------------------------------- files
 
-def save_checkpoint(checkpoint, path):
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    files.atomic_write(path, buffer.getbuffer())
-
-
 def check_out_dir(out_dir):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
@@ -316,163 +302,7 @@ def prepare_out_dir(out_dir):
                          f"choose another --out-dir") from None
 
 
-# ----------------------------------------------------------------------------- log and checkpoint contents
-
-def environment(device, precision, workers, args, heap_reuse, world):
-    import albumentations
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "albumentations": albumentations.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "device": device.type, "device_name": devices.device_name(device),
-            "precision": precision, "channels_last": args.channels_last, "compile": args.compile,
-            "workers": workers, "torch_threads": torch.get_num_threads(), "cpu_heap_reuse": heap_reuse,
-            **world.description(), "per_rank_batch": world.per_rank(args.batch_size), "sync_bn": args.sync_bn}
-
-
-def summarize(history, best_key):
-    last = history[-1]
-    best = max(history, key=lambda r: (r[best_key], -r["epoch"]))
-    top = max(history, key=lambda r: (r["test_acc"], -r["epoch"]))
-    return {"epochs_done": last["epoch"], "final_test_acc": last["test_acc"],
-            "final_test_acc_tta": last["test_acc_tta"], "final_epoch": last["epoch"],
-            "best_test_acc": top["test_acc"], "best_test_acc_epoch": top["epoch"],
-            "best_checkpoint_epoch": best["epoch"], "best_checkpoint_metric": best_key,
-            "total_seconds": sum(r["seconds"] for r in history)}
-
-
-class BackgroundWriter:
-    """Writes each epoch's files in a thread while the next epoch trains.
-
-    last.pt with fsync took 0.14-0.35 s per epoch on the development CPU: a tenth of the 2.4 s that a GPU
-    epoch should take. Only the snapshot (copies to the CPU, 7-25 ms there) stays on the training path.
-    One write at a time: submit() waits for the one before. A write's error (a full disk) is raised by
-    the next submit() or wait(); every file is still written atomically, so a kill at any moment leaves
-    complete versions, and a failed write leaves the previous epoch's files as they were.
-    """
-
-    def __init__(self, saved_epoch=0):
-        self.saved_epoch = saved_epoch  # the last epoch whose files are complete on disk
-        self.thread, self.error = None, None
-
-    def submit(self, epoch, snapshot, write):
-        """snapshot() runs here, on the training thread; write(its result) in the writer's thread."""
-        self.wait()
-        payload = snapshot()
-        self.thread = threading.Thread(target=self._run, args=(epoch, lambda: write(*payload)),
-                                       name="checkpoint-writer")
-        self.thread.start()  # not a daemon: the interpreter waits for a write in progress before exiting
-
-    def _run(self, epoch, write):
-        try:
-            write()
-            self.saved_epoch = epoch
-        except BaseException as error:  # handed to the training thread, which reports it
-            self.error = error
-
-    def wait(self):
-        """Wait for the write in progress; raise its error, if any. Returns the last epoch saved."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        return self.saved_epoch
-
-
-class NoWriter:
-    """What ranks other than 0 have instead of a writer: they take no snapshot and write nothing."""
-
-    def __init__(self, saved_epoch=0):
-        self.saved_epoch = saved_epoch
-
-    def submit(self, epoch, snapshot, write):
-        self.saved_epoch = epoch
-
-    def wait(self):
-        return self.saved_epoch
-
-
-def save_epoch(paths, checkpoint, improved, log, resume_command):
-    """last.pt, then best.pt, then log.json: a kill between them leaves the log one epoch behind, and
-    --resume rebuilds the log from the checkpoint's history, so the two always agree after a resume."""
-    try:
-        save_checkpoint(checkpoint, paths[LAST_NAME])
-        if improved:
-            files.atomic_link(paths[LAST_NAME], paths[BEST_NAME])
-        files.write_json(paths[LOG_NAME], log)
-    except OSError as error:
-        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise WriteFailed(f"could not save epoch {checkpoint['epoch']} ({reason}); the files of the last "
-                          f"saved epoch are intact, continue with: {resume_command}") from None
-
-
-def data_description(data, test_labels):
-    """What the accuracies were measured on: plot_curves.py and gradcam.py say so when it is not the
-    official test set."""
-    return {"official": data.official, "test_images": len(test_labels),
-            "test_subset": len(test_labels) < len(data.test_labels)}
-
-
-def build_log(args, env, classes, history, best_key, final=None, data=None):
-    log = {"format": LOG_FORMAT, "args": dict(vars(args)), "environment": env, "data": data, "classes": classes,
-           "epochs": history, "summary": summarize(history, best_key) if history else None}
-    if final is not None:
-        log.update(final)
-    return log
-
-
-def final_metrics(confusion, classes):
-    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
-    per_class = {name: (row[i] / sum(row) if sum(row) else None)
-                 for i, (name, row) in enumerate(zip(classes, confusion))}
-    return {"per_class_accuracy": per_class, "confusion_matrix": confusion}
-
-
-def build_checkpoint(runner, args, data, epoch, history, best):
-    """Everything a resume or gradcam.py needs, as CPU tensors and plain values: it loads on any machine."""
-    raw_model = runner.model  # never the compiled wrapper: no '_orig_mod.' prefixes
-    state = devices.on_cpu({"model": raw_model.state_dict(), "optimizer": runner.optimizer.state_dict(),
-                            "scheduler": runner.scheduler.state_dict(), "scaler": runner.scaler.state_dict(),
-                            "rng": devices.rng_state(runner.device.type)})
-    return {"format": CHECKPOINT_FORMAT, **state,
-            "model_args": {"num_classes": len(data.classes)}, "classes": list(data.classes),
-            "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset,
-            "epoch": epoch, "args": dict(vars(args)), "history": history, "best": best}
-
-
-def restore_checkpoint(runner, checkpoint):
-    try:
-        runner.model.load_state_dict(checkpoint["model"])
-        # load_state_dict takes every group setting from the checkpoint, fused SGD too: keep this machine's.
-        implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in runner.optimizer.param_groups]
-        runner.optimizer.load_state_dict(checkpoint["optimizer"])
-        for group, kept in zip(runner.optimizer.param_groups, implementation):
-            group.update(kept)
-        match_parameter_layouts(runner.optimizer)
-        runner.scheduler.load_state_dict(checkpoint["scheduler"])
-        # A bf16 or fp32 run saved no scaler state: an fp16 run resuming it starts a fresh scaler.
-        if checkpoint["scaler"] and runner.scaler.is_enabled():
-            runner.scaler.load_state_dict(checkpoint["scaler"])
-        devices.restore_rng_state(checkpoint["rng"], runner.device.type)
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise CheckpointError(f"checkpoint does not fit this model and recipe "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
-
-
-def match_parameter_layouts(optimizer):
-    """Put the optimizer's state tensors (SGD's momentum buffers) in their parameter's memory layout.
-
-    A checkpoint keeps the layout of the run that saved it (NCHW from a --no-channels-last run), loading
-    it keeps that layout, and CUDA's fused SGD refuses a step whose buffers' strides differ from the
-    parameters': a run resumed with the other --channels-last setting would fail at its first step.
-    """
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            state = optimizer.state.get(parameter, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
-                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
-
+# ----------------------------------------------------------------------------- resume
 
 def flags_given(argv):
     """The names of the flags that the command line sets (argparse fills in only what is missing)."""
@@ -560,14 +390,8 @@ def train(args, given=frozenset(), world=engine.World()):
 
 def check_new_run(args, checkpoint):
     check_out_dir(args.out_dir)
-    if not args.overwrite and not (checkpoint is not None and resumes_in_place(args)):
+    if not args.overwrite and not (checkpoint is not None and runfiles.resumes_in_place(args.resume, args.out_dir)):
         refuse_to_replace_another_run(args.out_dir)
-
-
-def resumes_in_place(args):
-    """Whether --out-dir is the folder of the --resume checkpoint (a resume elsewhere starts a new folder)."""
-    source = os.path.dirname(os.path.abspath(args.resume))
-    return os.path.isdir(args.out_dir) and os.path.samefile(args.out_dir, source)
 
 
 def load_data(args, world):
@@ -625,16 +449,16 @@ class Run:
         self.runner = engine.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
         self.history, self.best, self.last_confusion = [], None, None
         if checkpoint is not None:
-            restore_checkpoint(self.runner, checkpoint)
+            runfiles.restore_checkpoint(self.runner, checkpoint)
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
             self.last_confusion = checkpoint.get("confusion")  # absent from checkpoints of earlier versions
         self.resumed = checkpoint  # for catch_up_files
-        self.writer = (BackgroundWriter if world.main else NoWriter)(saved_epoch=len(self.history))
+        self.writer = (runfiles.BackgroundWriter if world.main else runfiles.NoWriter)(saved_epoch=len(self.history))
         self.test = (augment.to_tensor(test_images).to(device), torch.from_numpy(test_labels).to(device))
-        self.described = data_description(data, test_labels)
+        self.described = runfiles.data_description(data, test_labels)
         self.val = None if val is None else (augment.to_tensor(val[0]).to(device), torch.from_numpy(val[1]).to(device))
         self.best_key = "val_acc" if val is not None else "test_acc"
-        self.env = environment(device, precision, workers, args, heap_reuse, world)
+        self.env = runfiles.environment(device, precision, workers, args, heap_reuse, world)
         self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
         self.resume_command = world.resume_command(os.path.abspath(self.paths[LAST_NAME]))
         dropped = len(train_images) - len(self.loader) * args.batch_size
@@ -682,69 +506,34 @@ class Run:
         epoch, history = record["epoch"], self.history + [record]
         improved = self.best is None or record[self.best_key] > self.best["value"]
         best = {"metric": self.best_key, "value": record[self.best_key], "epoch": epoch} if improved else self.best
-        final = final_metrics(confusion, self.data.classes) if epoch == self.args.epochs else None
+        final = runfiles.final_metrics(confusion, self.data.classes) if epoch == self.args.epochs else None
 
         def snapshot():
-            checkpoint = build_checkpoint(self.runner, self.args, self.data, epoch, history, best)
+            checkpoint = runfiles.build_checkpoint(self.runner, self.args, self.data, epoch, history, best)
             checkpoint.update(data=self.described, confusion=confusion)
-            log = build_log(self.args, self.env, self.data.classes, history, self.best_key, final, self.described)
+            log = self.log(history, final)
             return checkpoint, log
 
         def write(checkpoint, log):
-            save_epoch(self.paths, checkpoint, improved, log, self.resume_command)
+            runfiles.save_epoch(self.paths, checkpoint, improved, log, self.resume_command)
 
         self.writer.submit(epoch, snapshot, write)
         self.history, self.best = history, best
 
+    def log(self, history, final=None):
+        """log.json's contents after the epochs of `history` (`final`: the last epoch's per-class metrics)."""
+        return runfiles.build_log(self.args, self.env, self.data.classes, history, self.best_key, final,
+                                  self.described)
+
     def catch_up_files(self):
-        """On a resume, the folder first agrees with the checkpoint: a kill between an epoch's writes
-        (last.pt, then best.pt, then log.json) left the last two an epoch behind, and a resume into
-        another --out-dir (a branch) starts there with the run as saved: last.pt, best.pt, log.json."""
-        epoch, best_epoch = len(self.history), self.best["epoch"]
-        in_place, source = resumes_in_place(self.args), os.path.abspath(self.args.resume)
-        try:
-            if not in_place:  # the loaded checkpoint itself: the file may change meanwhile (a live run)
-                save_checkpoint(self.resumed, self.paths[LAST_NAME])
-            if best_epoch == epoch:
-                files.atomic_link(self.paths[LAST_NAME] if not in_place else source, self.paths[BEST_NAME])
-            elif not in_place:
-                self.bring_best_checkpoint(os.path.join(os.path.dirname(source), BEST_NAME))
-            if not in_place or self.log_on_disk_epochs() < epoch:
-                finished = epoch == self.args.epochs and self.last_confusion is not None
-                final = final_metrics(self.last_confusion, self.data.classes) if finished else None
-                files.write_json(self.paths[LOG_NAME], build_log(self.args, self.env, self.data.classes, self.history,
-                                                                 self.best_key, final, self.described))
-        except OSError as error:
-            raise WriteFailed(f"could not bring {self.args.out_dir}/ up to date with {source} "
-                              f"({error.strerror or error}); nothing was trained") from None
+        """On a resume, bring the folder up to date with the checkpoint first (runfiles.catch_up)."""
+        finished = len(self.history) == self.args.epochs and self.last_confusion is not None
+        final = runfiles.final_metrics(self.last_confusion, self.data.classes) if finished else None
+        runfiles.catch_up(self.paths, os.path.abspath(self.args.resume), self.resumed, self.log(self.history, final))
         if not os.path.exists(self.paths[BEST_NAME]):
-            note(f"no best.pt of epoch {best_epoch} came with {self.args.resume}: {self.paths[BEST_NAME]} appears "
-                 f"when an epoch beats its {self.best_key} {100 * self.best['value']:.2f}%; until then "
+            note(f"no best.pt of epoch {self.best['epoch']} came with {self.args.resume}: {self.paths[BEST_NAME]} "
+                 f"appears when an epoch beats its {self.best_key} {100 * self.best['value']:.2f}%; until then "
                  f"gradcam.py can read {self.paths[LAST_NAME]}")
-
-    def bring_best_checkpoint(self, path):
-        """best.pt from the resumed run's folder, if it is this run's best epoch; else none (under
-        --overwrite, the replaced run's goes). Linked first, then checked: the source may change meanwhile."""
-        target = self.paths[BEST_NAME]
-        if os.path.exists(path):
-            files.atomic_link(path, target)
-            with contextlib.suppress(CheckpointError):
-                linked = read_checkpoint(target)
-                if linked.get("epoch") == self.best["epoch"] and linked.get("history") == self.history[:self.best["epoch"]]:
-                    return
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(target)
-
-    def log_on_disk_epochs(self):
-        """How many epochs log.json holds (0: missing, unreadable, another format, no summary, or a finished
-        run's log without its final metrics)."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            with open(self.paths[LOG_NAME]) as f:
-                log = json.load(f)
-            done = len(log["epochs"]) == self.args.epochs
-            complete = log.get("format") == LOG_FORMAT and log["summary"] and (not done or "confusion_matrix" in log)
-            return len(log["epochs"]) if complete else 0
-        return 0
 
     def run(self, stop):
         args, paths = self.args, self.paths
@@ -778,7 +567,7 @@ class Run:
             raise
         if stop.signal is not None:
             print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
-        summary = summarize(self.history, self.best_key)
+        summary = runfiles.summarize(self.history, self.best_key)
         print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
               f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
               f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
@@ -804,7 +593,7 @@ def main(argv=None):
         return report(world, error, "stopped ", 130)
     except KeyboardInterrupt:  # before the run's own handler was installed
         return report(world, "stopped before the first epoch; nothing was written", "", 130)
-    except WriteFailed as error:
+    except runfiles.WriteFailed as error:
         return report(world, error, "error: ", 1)
 
 
