@@ -135,11 +135,11 @@ def measure_all_reduce(device, steps, world):
     flat = torch.zeros(sum(p.numel() for p in resnet18().parameters()), device=device)
     synchronize = devices.synchronizer(device.type)
     for _ in range(2):
-        torch.distributed.all_reduce(flat)
+        torch.distributed.all_reduce(flat, group=world.data)
     synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        torch.distributed.all_reduce(flat)
+        torch.distributed.all_reduce(flat, group=world.data)
     synchronize()
     return (time.perf_counter() - start) / steps, flat.numel() * flat.element_size()
 
@@ -250,13 +250,23 @@ def benchmark_table(r):
     return "\n".join(f"{name.ljust(width)}  {value:>14}" for name, value in rows)
 
 
-def benchmark(args, world):
+def settle(args, world):
+    """The arguments checked; this rank's device and precision."""
     check_args(args, world)
     index = world.local_rank if world.launched else None
     device, precision = engine.resolve_device(args.device, args.precision, args.compile, index)
-    workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
-    with engine.processes(world, device) as world, engine.process_settings(device, args.deterministic):
-        result = measure_all(args, device, precision, workers, world)
+    if world.launched:
+        engine.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
+    return device, precision
+
+
+def benchmark(args, world):
+    with engine.processes(world) as world:
+        device, precision = world.together(lambda: settle(args, world))  # a failure on one machine stops all
+        world = engine.on_device(world, device)
+        workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
+        with engine.process_settings(device, args.deterministic):
+            result = measure_all(args, device, precision, workers, world)
     if world.main:
         print(benchmark_table(result))
         path = os.path.join(args.out_dir, "benchmark.json")

@@ -77,8 +77,8 @@ class World:
     size: int = 1
     local_size: int = 1
     launched: bool = False  # by torchrun: the process group is (to be) started
-    backend: str = None
-    control: object = None  # a gloo group for decisions made on the CPU, whatever the device
+    backend: str = None  # of the collectives on the device's tensors: nccl between GPUs, gloo between CPUs
+    data: object = None  # their group: NCCL's own between GPUs; None (the default, gloo) between CPUs
 
     @property
     def main(self):
@@ -96,14 +96,13 @@ class World:
         if not self.launched:
             return bool(flag)
         value = torch.tensor([int(bool(flag))])
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
 
     def vote(self, flag):
         """Start `any(flag)` without waiting for it: .result() gives it (every rank must call both)."""
         value = torch.tensor([int(bool(flag))])
-        work = torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.control,
-                                            async_op=True)
+        work = torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, async_op=True)
         return Vote(work, value)
 
     def add_up(self, *tensors):
@@ -112,7 +111,7 @@ class World:
         if not self.launched:
             return [t.tolist() for t in tensors]
         packed = torch.cat([t.reshape(-1).double() for t in tensors])
-        torch.distributed.all_reduce(packed)
+        torch.distributed.all_reduce(packed, group=self.data)
         values, totals = packed.tolist(), []
         for t in tensors:
             part, values = values[:t.numel()], values[t.numel():]
@@ -124,13 +123,13 @@ class World:
         if not self.launched:
             return True
         low, high = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=self.control)
-        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
         return torch.equal(low, high)
 
     def minimum(self, tensor):
         if self.launched:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.data)
         return tensor
 
     def together(self, job, here=True):
@@ -151,15 +150,17 @@ class World:
         if not self.launched:
             return model
         # SyncBatchNorm keeps the statistics equal everywhere: broadcasting them each forward would be wasted.
-        synced = any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+        synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+        for module in synced:
+            module.process_group = self.data  # not the default group's gloo, which has no CUDA kernels for it
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   forward_sync_buffers=not synced)
+                                                   process_group=self.data, forward_sync_buffers=not synced)
 
     def share_buffers(self, model):
         """Rank 0's BatchNorm statistics everywhere: each rank's last training step updated its own."""
         if self.launched:
             for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+                torch.distributed.broadcast(buffer, src=0, group=self.data)
 
     def resume_command(self, path):
         if not self.launched:
@@ -204,17 +205,21 @@ def backend_for(device_type):
 
 
 @contextlib.contextmanager
-def processes(world, device):
-    """Start torch.distributed for a torchrun launch (a no-op for a single process) and end it on leaving."""
+def processes(world):
+    """Connect the processes of a torchrun launch (a no-op for one process) and disconnect them on leaving.
+
+    They connect over gloo, before anything that may fail on one machine only (its GPU, its copy of the
+    checkpoint or the data), so that every check can go through World.together: such a failure stops
+    every rank with one line instead of leaving the others waiting for it until a timeout. Stop and
+    failure decisions stay on this group (small CPU values, no GPU sync); the GPUs' own group comes from
+    on_device, once every rank's device is known to work.
+    """
     if not world.launched:
         yield world
         return
-    backend = backend_for(device.type)
-    torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    # Stop and failure decisions are small CPU values: a gloo group carries them without a GPU sync.
-    control = torch.distributed.new_group(backend="gloo") if backend != "gloo" else None
+    torch.distributed.init_process_group("gloo")
     try:
-        yield dataclasses.replace(world, backend=backend, control=control)
+        yield dataclasses.replace(world, backend="gloo")
     except RuntimeError:
         raise  # a collective failed: a peer may be gone, and tearing down would wait for it
     except BaseException:
@@ -224,7 +229,17 @@ def processes(world, device):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         torch.distributed.destroy_process_group()  # every rank met the same end (a stop, a shared error)
         raise
-    torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()  # and every other group, NCCL's too
+
+
+def on_device(world, device):
+    """`world` with its collectives on the device's tensors (gradients, evaluation sums, BatchNorm
+    statistics) in a group of NCCL between GPUs; between CPU processes they stay on the default gloo group.
+    Every rank must call it, with its device checked (backend_for) and working."""
+    if not world.launched or backend_for(device.type) == "gloo":
+        return world
+    # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
+    return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))
 
 
 @contextlib.contextmanager

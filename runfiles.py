@@ -1,8 +1,10 @@
 """What a training run writes into its folder: log.json, last.pt and best.pt, their contents, and how.
+Defines things only: nothing happens on import.
 
     checkpoint = runfiles.build_checkpoint(runner, args, data, epoch, history, best)   # CPU tensors, plain values
     runfiles.save_epoch(paths, checkpoint, improved, log, resume_command)   # last.pt, best.pt, log.json
-    writer = runfiles.BackgroundWriter()   # the same, in a thread, while the next epoch trains
+    runfiles.BackgroundWriter().submit(epoch, snapshot, write)   # write(*snapshot()) while the next epoch trains
+    runfiles.catch_up(paths, source, checkpoint, log)   # a resumed folder brought up to date with its checkpoint
 
 Checkpoints hold only tensors and plain values: torch.load(path, weights_only=True) reads them. Every file
 is written atomically (files.py): a kill or a full disk leaves the previous complete version.
@@ -22,7 +24,7 @@ import devices
 import files
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
-LOG_NAME, LAST_NAME, BEST_NAME, LOCK_NAME = "log.json", "last.pt", "best.pt", ".train.lock"
+LOG_NAME, LAST_NAME, BEST_NAME = "log.json", "last.pt", "best.pt"
 LOG_FORMAT = "resnet18-cifar-log/1"
 
 
@@ -205,7 +207,8 @@ def catch_up(paths, source, checkpoint, log):
 
     A kill between an epoch's writes (last.pt, then best.pt, then log.json) left the last two an epoch
     behind; a resume into another --out-dir (a branch) starts there with the run as saved: last.pt,
-    best.pt (when the source folder has the right one), log.json. `log`: the run's log as saved.
+    best.pt (when the source folder has the right one), log.json. `log`: what log.json should hold (its
+    args' `epochs` says whether the run is finished).
     """
     epoch, best_epoch = len(checkpoint["history"]), checkpoint["best"]["epoch"]
     out_dir = os.path.dirname(paths[LAST_NAME])

@@ -606,7 +606,7 @@ def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, t
     def killed(*_):
         raise Killed
 
-    monkeypatch.setattr(train.files, "atomic_link", killed)
+    monkeypatch.setattr(files, "atomic_link", killed)
     with pytest.raises(Killed):
         train.main(tiny_args(data_dir, tmp_path, "--epochs", "1"))
     monkeypatch.undo()
@@ -617,7 +617,7 @@ def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, t
     log = json.loads((tmp_path / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1] and log["summary"]["epochs_done"] == 1
     assert sum(map(sum, log["confusion_matrix"])) == log["data"]["test_images"] and "per_class_accuracy" in log
-    # Killed after last.pt and best.pt of the last epoch, before log.json: the log on disk is an epoch behind.
+    # Killed after last.pt (and best.pt, if epoch 2 improved) of the last epoch, before log.json: the log on disk is an epoch behind.
     write_json = files.write_json
 
     def killed_at_epoch_2(path, log):
@@ -625,7 +625,7 @@ def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, t
             raise Killed
         write_json(path, log)
 
-    monkeypatch.setattr(train.files, "write_json", killed_at_epoch_2)
+    monkeypatch.setattr(files, "write_json", killed_at_epoch_2)
     with pytest.raises(Killed):
         train.main(tiny_args(data_dir, tmp_path / "two", "--epochs", "2"))
     monkeypatch.undo()
@@ -1773,6 +1773,27 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
+def test_a_failure_on_one_node_before_training_stops_every_node(trained_run, tmp_path):
+    # Two "machines", each reading its own copy of the checkpoint: the second lacks it. It fails before
+    # any training; the first must stop too, in one line, not wait for it nor end in a traceback (it did
+    # when the checks came before the processes connected).
+    endpoint = f"127.0.0.1:{free_port()}"
+    copies = [trained_run / "last.pt", tmp_path / "missing" / "last.pt"]
+    nodes = [torchrun(["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")],
+                      "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", endpoint, "--rdzv-id", "missing")
+             for rank, copy in enumerate(copies)]
+    try:
+        errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode != 0 for node in nodes)
+    assert f"train.py (rank 1): error: checkpoint {copies[1]} not found" in errors, errors
+    assert "train.py: error: another process of this run failed (its message says why)" in errors, errors
+    assert not (tmp_path / "run").exists()  # stopped before anything was created
+
+
 def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_path, monkeypatch, capsys):
     # 1 process -> 2 "nodes" (two torchrun agents, c10d rendezvous on localhost) -> 1 process. 4 steps an
     # epoch: under torchrun the ranks' stop vote is read one step after it is cast.
@@ -2100,3 +2121,37 @@ def test_torchruns_variables_describe_the_processes():
     assert world.per_rank(512) == 32
     assert world.resume_command("/r/last.pt").startswith("torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
     assert engine.World().resume_command("/r/last.pt") == "python train.py --resume /r/last.pt"
+
+
+def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
+    # The processes connect over gloo first (engine.processes); the GPUs' NCCL group comes after the checks,
+    # bound to this rank's GPU. No GPU here: torch's new_group is replaced by a recorder.
+    made = []
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **options: made.append(options) or "nccl group")
+    launched = engine.World(rank=1, local_rank=1, size=2, local_size=2, launched=True, backend="gloo")
+    gpu = engine.on_device(launched, torch.device("cuda", 1))
+    assert (gpu.backend, gpu.data) == ("nccl", "nccl group")
+    assert made == [{"backend": "nccl", "device_id": torch.device("cuda", 1)}]
+    assert engine.on_device(launched, torch.device("cpu")) is launched  # CPU processes: all on the gloo group
+    assert engine.on_device(engine.World(), torch.device("cuda", 0)) == engine.World()  # one process: no group
+    with pytest.raises(devices.DeviceError, match="not on mps"):
+        engine.on_device(launched, torch.device("mps"))
+    assert len(made) == 1
+
+
+def test_the_model_is_wrapped_with_the_worlds_data_group():
+    # The default group is gloo (checks, stop votes); gradients and --sync-bn's statistics go through the
+    # world's data group (NCCL's on GPUs). A one-process gloo group stands in for it here.
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        group = torch.distributed.new_group(backend="gloo")
+        world = engine.World(launched=True, backend="gloo", data=group)
+        assert world.wrap(resnet.resnet18(10), torch.device("cpu")).process_group is group
+        synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet.resnet18(10))
+        with pytest.raises(ValueError, match="only work with GPU modules"):  # torch's refusal on a CPU, after...
+            world.wrap(synced, torch.device("cpu"))
+        norms = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert norms and all(m.process_group is group for m in norms)  # ...each layer got the data group
+    finally:
+        torch.distributed.destroy_process_group()

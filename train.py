@@ -29,8 +29,9 @@ import files
 import runfiles
 from engine import Diverged, Stopped, note
 from resnet import CheckpointError, read_checkpoint
-from runfiles import BEST_NAME, LAST_NAME, LOCK_NAME, LOG_NAME
+from runfiles import BEST_NAME, LAST_NAME, LOG_NAME
 
+LOCK_NAME = ".train.lock"  # held in the output folder while a run writes there
 # Flags that describe the machine rather than the recipe: --resume takes them from the command line (or
 # their defaults, resolved for this machine); an A100's bf16 run may go on in fp16 on a T4.
 MACHINE_FLAGS = ("device", "precision", "channels_last", "compile", "workers", "sync_bn", "resume", "out_dir",
@@ -229,6 +230,8 @@ def resolve_device(args, world=engine.World()):
                          f"implementation); leave it out")
     if args.sync_bn and not world.launched:
         engine.note("--sync-bn has no effect in a single process")
+    if world.launched:
+        engine.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
     return device, precision
 
 
@@ -356,19 +359,13 @@ def epoch_line(record, epochs, has_val):
 def train(args, given=frozenset(), world=engine.World()):
     """The whole run: data, model, epochs, files. `given`: the flags the command line set; `world`: the
     processes of a torchrun launch (one without it). Returns the exit code."""
-    checkpoint = None
-    if args.resume:
-        args, checkpoint = args_for_resume(args, given)
-    check_args(args, world)
-    # The peak lr as a number in log.json and the checkpoint: "default" names other values in other versions.
-    args.lr = engine.derived_lr(args)
-    device, precision = resolve_device(args, world)
-    args.out_dir = args.out_dir or "."
-    args.data_dir = os.path.abspath(args.data_dir)  # saved in the checkpoint: a resume from any folder finds it
-    with engine.processes(world, device) as world:
+    with engine.processes(world) as world:
         # Every input is checked before anything is created: a bad dataset leaves no folder and no lock
-        # behind. Under torchrun rank 0 owns the folder, and each machine's first process downloads the
-        # data while the others wait; a failure anywhere stops every rank.
+        # behind. Each rank reads its own checkpoint, device and data (its machine's copies); a failure
+        # anywhere stops every rank. Under torchrun rank 0 owns the folder, and each machine's first
+        # process downloads the data while the others wait.
+        args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
+        world = engine.on_device(world, device)
         world.together(lambda: check_new_run(args, checkpoint), here=world.main)
         data = load_data(args, world)
         check_same_everywhere(world, args, data, checkpoint)  # then every rank decides alike below
@@ -386,6 +383,21 @@ def train(args, given=frozenset(), world=engine.World()):
             heap_reuse = stack.enter_context(heap)
             Run(args, data, parts, checkpoint, device, precision, heap_reuse, world).run(stop)
     return 0
+
+
+def settle(args, given, world):
+    """The run's arguments (with --resume: merged with its checkpoint), checked, the checkpoint, and this
+    rank's device and precision."""
+    checkpoint = None
+    if args.resume:
+        args, checkpoint = args_for_resume(args, given)
+    check_args(args, world)
+    # The peak lr as a number in log.json and the checkpoint: "default" names other values in other versions.
+    args.lr = engine.derived_lr(args)
+    device, precision = resolve_device(args, world)
+    args.out_dir = args.out_dir or "."
+    args.data_dir = os.path.abspath(args.data_dir)  # saved in the checkpoint: a resume from any folder finds it
+    return args, checkpoint, device, precision
 
 
 def check_new_run(args, checkpoint):
