@@ -263,7 +263,7 @@ def settle(args, world):
 def benchmark(args, world):
     with engine.processes(world) as world:
         device, precision = world.together(lambda: settle(args, world))  # a failure on one machine stops all
-        world = engine.on_device(world, device)
+        world = engine.on_device(world, device, precision)
         workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
         with engine.process_settings(device, args.deterministic):
             result = measure_all(args, device, precision, workers, world)
@@ -286,7 +286,7 @@ def main(argv=None):
             return benchmark(build_parser().parse_args(argv), world)
     except (UsageError, devices.DeviceError, engine.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
-        if world.main or isinstance(error, devices.DeviceError):
+        if world.main or isinstance(error, devices.DeviceError) and not isinstance(error, engine.DevicesDiffer):
             rank = f" (rank {world.rank})" if world.launched and not world.main else ""
             print(f"benchmark.py{rank}: error: {error}", file=sys.stderr)
         return 2

@@ -152,7 +152,7 @@ class World:
         # SyncBatchNorm keeps the statistics equal everywhere: broadcasting them each forward would be wasted.
         synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
         for module in synced:
-            module.process_group = self.data  # not the default group's gloo, which has no CUDA kernels for it
+            module.process_group = self.data  # not the default group's gloo: it would copy through the host
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                    process_group=self.data, forward_sync_buffers=not synced)
 
@@ -232,11 +232,25 @@ def processes(world):
     torch.distributed.destroy_process_group()  # and every other group, NCCL's too
 
 
-def on_device(world, device):
+class DevicesDiffer(devices.DeviceError):
+    """The ranks chose different device types or precisions: every rank meets it, rank 0 says it."""
+
+
+def on_device(world, device, precision):
     """`world` with its collectives on the device's tensors (gradients, evaluation sums, BatchNorm
     statistics) in a group of NCCL between GPUs; between CPU processes they stay on the default gloo group.
     Every rank must call it, with its device checked (backend_for) and working."""
-    if not world.launched or backend_for(device.type) == "gloo":
+    if not world.launched:
+        return world
+    backend = backend_for(device.type)  # train.py and benchmark.py check it first, among their checks
+    # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
+    # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
+    # loss-scaled gradients with unscaled ones).
+    if not world.same_everywhere(("cpu", "cuda").index(device.type), devices.PRECISIONS.index(precision)):
+        raise DevicesDiffer(f"the processes of this run chose different devices or precisions (this one: "
+                            f"{device.type}, {precision}): give every machine the same kind of GPU, or "
+                            f"--device and --precision explicitly")
+    if backend == "gloo":
         return world
     # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
     return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))

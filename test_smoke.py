@@ -1704,6 +1704,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def two_nodes(argv_of_each, wait_in_epoch=None):
+    """Two "machines" on this one: two torchrun agents of one process each, meeting by c10d rendezvous on
+    localhost, each with its own command line (its own data, checkpoint or precision)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [torchrun(argv, "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", wait_in_epoch=wait_in_epoch)
+            for rank, argv in enumerate(argv_of_each)]
+
+
+def stderr_when_ended(processes, timeout=120):
+    """The processes' stderr, together, once all have ended (killed if one has not after `timeout` s)."""
+    try:
+        return "".join(process.communicate(timeout=timeout)[1] for process in processes)
+    finally:
+        for process in processes:
+            process.kill()
+
+
 def reference_evaluation(checkpoint_path, data_dir, batch_size, precision):
     """A single process's evaluation of a saved checkpoint on the test batch, one thread (as each rank had),
     in the run's precision (auto: bf16 or fp32, by the CPU)."""
@@ -1762,12 +1780,9 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
     # Two "machines", each with its own --data-dir: one holds fewer training images. Their ranks would
     # take different numbers of steps and wait for each other forever.
     smaller = write_cifar_folder(str(tmp_path / "smaller"), train_per_batch=16)
-    endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [torchrun(tiny_args(folder, tmp_path / "run", "--train-subset", "0", "--epochs", "1"), "--nnodes", "2",
-                      "--nproc_per_node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", endpoint, "--rdzv-id", "data")
-             for rank, folder in enumerate((data_dir, smaller))]
-    errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
+    nodes = two_nodes([tiny_args(folder, tmp_path / "run", "--train-subset", "0", "--epochs", "1")
+                       for folder in (data_dir, smaller)])
+    errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
     assert errors.count("train.py: error: the processes of this run read different data or checkpoints") == 1, errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
@@ -1777,21 +1792,26 @@ def test_a_failure_on_one_node_before_training_stops_every_node(trained_run, tmp
     # Two "machines", each reading its own copy of the checkpoint: the second lacks it. It fails before
     # any training; the first must stop too, in one line, not wait for it nor end in a traceback (it did
     # when the checks came before the processes connected).
-    endpoint = f"127.0.0.1:{free_port()}"
     copies = [trained_run / "last.pt", tmp_path / "missing" / "last.pt"]
-    nodes = [torchrun(["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")],
-                      "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", endpoint, "--rdzv-id", "missing")
-             for rank, copy in enumerate(copies)]
-    try:
-        errors = "".join(node.communicate(timeout=120)[1] for node in nodes)
-    finally:
-        for node in nodes:
-            node.kill()
+    nodes = two_nodes([["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")]
+                       for copy in copies])
+    errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
     assert f"train.py (rank 1): error: checkpoint {copies[1]} not found" in errors, errors
     assert "train.py: error: another process of this run failed (its message says why)" in errors, errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
+
+
+def test_nodes_with_different_precisions_stop_in_one_line(data_dir, tmp_path):
+    # --precision auto decides per machine: an A100 (bf16) beside a T4 (fp16) would average loss-scaled
+    # gradients with unscaled ones. Two "machines" given different precisions stand in for them.
+    nodes = two_nodes([tiny_args(data_dir, tmp_path / "run", "--precision", precision) for precision in ("bf16", "fp32")])
+    errors = stderr_when_ended(nodes)
+    assert all(node.returncode != 0 for node in nodes)
+    said = [line for line in errors.splitlines() if line.startswith("train.py") and "FAILED" not in line]
+    assert said == ["train.py: error: the processes of this run chose different devices or precisions (this one: cpu, "
+                    "bf16): give every machine the same kind of GPU, or --device and --precision explicitly"], errors
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_path, monkeypatch, capsys):
@@ -1801,10 +1821,7 @@ def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_p
     interrupt_after_epoch(monkeypatch, 1)
     assert train.main(argv) == 130
     resume = ["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]
-    endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [torchrun(resume, "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank),
-                      "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test", wait_in_epoch=3)
-             for rank in (0, 1)]
+    nodes = two_nodes([resume, resume], wait_in_epoch=3)
     _, stderr_of = ranks_waiting(nodes, 2)
     for node in nodes:  # a cluster's preemption: every launcher gets SIGTERM
         node.send_signal(signal.SIGTERM)
@@ -2126,16 +2143,21 @@ def test_torchruns_variables_describe_the_processes():
 def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
     # The processes connect over gloo first (engine.processes); the GPUs' NCCL group comes after the checks,
     # bound to this rank's GPU. No GPU here: torch's new_group is replaced by a recorder.
-    made = []
+    made, compared = [], []
     monkeypatch.setattr(torch.distributed, "new_group", lambda **options: made.append(options) or "nccl group")
+    monkeypatch.setattr(engine.World, "same_everywhere", lambda self, *values: compared.append(values) or True)
     launched = engine.World(rank=1, local_rank=1, size=2, local_size=2, launched=True, backend="gloo")
-    gpu = engine.on_device(launched, torch.device("cuda", 1))
+    gpu = engine.on_device(launched, torch.device("cuda", 1), "bf16")
     assert (gpu.backend, gpu.data) == ("nccl", "nccl group")
     assert made == [{"backend": "nccl", "device_id": torch.device("cuda", 1)}]
-    assert engine.on_device(launched, torch.device("cpu")) is launched  # CPU processes: all on the gloo group
-    assert engine.on_device(engine.World(), torch.device("cuda", 0)) == engine.World()  # one process: no group
+    assert compared == [(1, devices.PRECISIONS.index("bf16"))]  # device type and precision agreed on first
+    assert engine.on_device(launched, torch.device("cpu"), "fp32") is launched  # CPU processes: all on gloo
+    assert engine.on_device(engine.World(), torch.device("cuda", 0), "bf16") == engine.World()  # one process
     with pytest.raises(devices.DeviceError, match="not on mps"):
-        engine.on_device(launched, torch.device("mps"))
+        engine.on_device(launched, torch.device("mps"), "fp32")
+    monkeypatch.setattr(engine.World, "same_everywhere", lambda self, *values: False)  # a T4 beside an A100
+    with pytest.raises(engine.DevicesDiffer, match=r"different devices or precisions \(this one: cuda, fp16\)"):
+        engine.on_device(launched, torch.device("cuda", 1), "fp16")
     assert len(made) == 1
 
 
@@ -2153,5 +2175,29 @@ def test_the_model_is_wrapped_with_the_worlds_data_group():
             world.wrap(synced, torch.device("cpu"))
         norms = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
         assert norms and all(m.process_group is group for m in norms)  # ...each layer got the data group
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
+    # On GPUs the data group is NCCL's and the default group gloo, which would also take CUDA tensors, slowly,
+    # through the host: so a collective that forgot its group would not fail there. It fails here.
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        group = torch.distributed.new_group(backend="gloo")
+        world = engine.World(launched=True, backend="gloo", data=group)
+        used = []
+        for name in ("all_reduce", "broadcast"):
+            collective = getattr(torch.distributed, name)
+            monkeypatch.setattr(torch.distributed, name, lambda *tensors, collective=collective, **options:
+                                used.append(options.get("group")) or collective(*tensors, **options))
+        world.add_up(torch.ones(2), torch.tensor(3))
+        world.minimum(torch.ones(1))
+        world.share_buffers(torch.nn.BatchNorm2d(2))
+        benchmark.measure_all_reduce(torch.device("cpu"), 1, world)
+        assert len(used) == 2 + 3 + 3 and all(g is group for g in used)  # the device's tensors
+        used.clear()
+        world.any(True), world.same_everywhere(1, 2), world.vote(False).result()
+        assert len(used) == 4 and all(g is None for g in used)  # decisions: CPU values, on the default gloo group
     finally:
         torch.distributed.destroy_process_group()

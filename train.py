@@ -365,7 +365,7 @@ def train(args, given=frozenset(), world=engine.World()):
         # anywhere stops every rank. Under torchrun rank 0 owns the folder, and each machine's first
         # process downloads the data while the others wait.
         args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
-        world = engine.on_device(world, device)
+        world = engine.on_device(world, device, precision)
         world.together(lambda: check_new_run(args, checkpoint), here=world.main)
         data = load_data(args, world)
         check_same_everywhere(world, args, data, checkpoint)  # then every rank decides alike below
@@ -587,7 +587,7 @@ class Run:
 
 
 # Errors that every rank meets at the same point (the same arguments, a shared decision): rank 0 says them.
-SAID_BY_RANK_0 = (UsageError, Diverged, Stopped, engine.ElsewhereFailed)
+SAID_BY_RANK_0 = (UsageError, Diverged, Stopped, engine.ElsewhereFailed, engine.DevicesDiffer)
 
 
 def main(argv=None):
