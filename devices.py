@@ -117,6 +117,19 @@ def pick_device(name, index=None):
     return torch.device(kind)
 
 
+def check_computes(device):
+    """A GPU that fails at its first computation (a driver problem, an ECC error, a GPU held in exclusive
+    mode by another process) fails here, among the checks, in one line: not at the model's first copy in a
+    traceback, nor, under torchrun, while the other machines wait for it to connect."""
+    if device.type == "cpu":
+        return
+    try:
+        torch.ones(1, device=device).add_(1).item()  # .item(): a sync point, where a failed kernel is raised
+    except RuntimeError as error:
+        raise DeviceError(f"{device} cannot compute ({str(error).strip().splitlines()[0][:160]}); check the GPU "
+                          f"(nvidia-smi), or use --device cpu") from None
+
+
 def choose_precision(requested, facts):
     """--precision auto resolved for the machine: 'bf16', 'fp16' or 'fp32'; an explicit choice stays."""
     if requested != "auto":

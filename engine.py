@@ -275,6 +275,7 @@ def resolve_device(device_name, precision, compile_model, index=None):
     unsupported = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
     if unsupported:
         raise devices.DeviceError(unsupported)
+    devices.check_computes(device)
     chosen = devices.choose_precision(precision, facts)
     warning = devices.precision_warning(chosen, facts)
     if warning:

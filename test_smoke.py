@@ -2083,6 +2083,14 @@ def test_gpus_this_build_has_no_kernels_for_and_too_few_gpus(monkeypatch):
         devices.pick_device("cuda", 2)
 
 
+def test_a_device_that_cannot_compute_is_one_line():
+    devices.check_computes(torch.device("cpu"))
+    # A tensor on the meta device has no values: its .item() fails as a broken GPU's first kernel would.
+    with pytest.raises(devices.DeviceError, match=r"^meta cannot compute \(Tensor.item\(\) cannot be called on meta "
+                                                  r"tensors\); check the GPU \(nvidia-smi\), or use --device cpu$"):
+        devices.check_computes(torch.device("meta"))
+
+
 def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path):
     # Optimizer.load_state_dict takes every group setting from the checkpoint: a CPU run resumed on a
     # GPU would lose fused SGD (and the fp16 scaler's sync-free step) without care.
