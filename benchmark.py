@@ -253,11 +253,7 @@ def benchmark_table(r):
 def settle(args, world):
     """The arguments checked; this rank's device and precision."""
     check_args(args, world)
-    index = world.local_rank if world.launched else None
-    device, precision = engine.resolve_device(args.device, args.precision, args.compile, index)
-    if world.launched:
-        engine.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
-    return device, precision
+    return engine.resolve_device(args.device, args.precision, args.compile, world)
 
 
 def benchmark(args, world):
@@ -286,7 +282,7 @@ def main(argv=None):
             return benchmark(build_parser().parse_args(argv), world)
     except (UsageError, devices.DeviceError, engine.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
-        if world.main or isinstance(error, devices.DeviceError) and not isinstance(error, engine.DevicesDiffer):
+        if engine.said_here(world, error, (UsageError, engine.ElsewhereFailed, engine.DevicesDiffer)):
             rank = f" (rank {world.rank})" if world.launched and not world.main else ""
             print(f"benchmark.py{rank}: error: {error}", file=sys.stderr)
         return 2

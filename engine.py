@@ -77,7 +77,7 @@ class World:
     size: int = 1
     local_size: int = 1
     launched: bool = False  # by torchrun: the process group is (to be) started
-    backend: str = None  # of the collectives on the device's tensors: nccl between GPUs, gloo between CPUs
+    backend: str = None  # of the collectives on the device's tensors: nccl between GPUs (from on_device), gloo
     data: object = None  # their group: NCCL's own between GPUs; None (the default, gloo) between CPUs
 
     @property
@@ -132,16 +132,29 @@ class World:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.data)
         return tensor
 
+    def count(self, flag):
+        """On how many ranks `flag` is true (a collective: every rank must call it)."""
+        if not self.launched:
+            return int(bool(flag))
+        value = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(value)
+        return int(value.item())
+
     def together(self, job, here=True):
-        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: the failing
-        one with its own error, the others with ElsewhereFailed. No rank waits forever for one that left."""
+        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: each failing
+        one with its own error (marked `on_every_rank` when every rank failed, so that rank 0 alone says
+        it: said_here), the others with ElsewhereFailed. No rank waits forever for one that left."""
         result, error = None, None
         try:
             result = job() if here else None
         except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
             error = raised
-        if self.any(error is not None):
-            raise error or ElsewhereFailed("another process of this run failed (its message says why)")
+        failed = self.count(error is not None)
+        if failed and error is None:
+            raise ElsewhereFailed("another process of this run failed (its message says why)")
+        if failed:
+            error.on_every_rank = failed == self.size
+            raise error
         return result
 
     def wrap(self, model, device):
@@ -242,18 +255,25 @@ def on_device(world, device, precision):
     Every rank must call it, with its device checked (backend_for) and working."""
     if not world.launched:
         return world
-    backend = backend_for(device.type)  # train.py and benchmark.py check it first, among their checks
+    backend = backend_for(device.type)  # resolve_device checked it first, among the checks
     # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
     # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
     # loss-scaled gradients with unscaled ones).
     if not world.same_everywhere(("cpu", "cuda").index(device.type), devices.PRECISIONS.index(precision)):
         raise DevicesDiffer(f"the processes of this run chose different devices or precisions (this one: "
-                            f"{device.type}, {precision}): give every machine the same kind of GPU, or "
+                            f"{device.type}, {precision}): give every machine the same kind of device, or "
                             f"--device and --precision explicitly")
     if backend == "gloo":
         return world
     # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
     return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))
+
+
+def said_here(world, error, alike_everywhere):
+    """Whether this rank prints `error`: rank 0 alone for what every rank met alike (an error of the kinds
+    `alike_everywhere`, or one that every rank met in World.together), else each rank that met it."""
+    alike = getattr(error, "on_every_rank", isinstance(error, alike_everywhere))
+    return world.main or not alike
 
 
 @contextlib.contextmanager
@@ -268,10 +288,18 @@ def quiet_unless(main):
 
 # ----------------------------------------------------------------------------- device and precision
 
-def resolve_device(device_name, precision, compile_model, index=None):
-    """The device and the precision it runs: 'auto' becomes bf16, fp16 or fp32 (devices.py)."""
-    device = devices.pick_device(device_name, index)
-    facts = devices.read_facts(device)
+def resolve_device(device_name, precision, compile_model, world=World()):
+    """The device (under torchrun: this rank's GPU) and the precision it runs: 'auto' becomes bf16, fp16 or
+    fp32 (devices.py). Every problem found is a DeviceError: one line, and under torchrun it is this
+    machine's alone, so each rank that meets it says it."""
+    device = devices.pick_device(device_name, world.local_rank if world.launched else None)
+    if world.launched:
+        backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
+    try:
+        facts = devices.read_facts(device)
+    except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first query
+        raise devices.DeviceError(f"{device} cannot be used ({devices.first_line(error)}); check the GPU "
+                                  f"(nvidia-smi), or use --device cpu") from None
     unsupported = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
     if unsupported:
         raise devices.DeviceError(unsupported)
@@ -451,7 +479,8 @@ class StepRunner:
     """One optimisation step on a uint8 batch already on the device, with the run's precision and layout.
 
     `model` is the plain model (what checkpoints save); training runs through DistributedDataParallel
-    under torchrun, evaluation through the plain model (each rank evaluates its own share: no collective).
+    under torchrun, evaluation through the plain model (each rank its own share of the batches, no
+    gradient all-reduce; rank 0's BatchNorm statistics before, and the counts added up after: evaluate).
     """
 
     def __init__(self, model, args, precision, device, mean, std, steps_per_epoch, world=World()):

@@ -1788,16 +1788,23 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
-def test_a_failure_on_one_node_before_training_stops_every_node(trained_run, tmp_path):
-    # Two "machines", each reading its own copy of the checkpoint: the second lacks it. It fails before
-    # any training; the first must stop too, in one line, not wait for it nor end in a traceback (it did
-    # when the checks came before the processes connected).
-    copies = [trained_run / "last.pt", tmp_path / "missing" / "last.pt"]
-    nodes = two_nodes([["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")]
-                       for copy in copies])
+@pytest.mark.parametrize("failure", ["checkpoint", "arguments"])
+def test_a_failure_on_one_node_before_training_stops_every_node(failure, data_dir, trained_run, tmp_path):
+    # Two "machines", each with its own copy of the checkpoint or its own command line; the second's fails
+    # before any training. The first must stop too, in one line, not wait for it nor end in a traceback (it
+    # did when the checks came before the processes connected), and the second must say why, even where
+    # the error is of a kind that rank 0 alone says when every rank meets it (a usage error).
+    if failure == "checkpoint":
+        missing = tmp_path / "missing" / "last.pt"
+        argvs = [["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")]
+                 for copy in (trained_run / "last.pt", missing)]
+        said = f"train.py (rank 1): error: checkpoint {missing} not found"
+    else:
+        argvs = [tiny_args(data_dir, tmp_path / "run", "--batch-size", str(batch)) for batch in (32, 33)]
+        said = "train.py (rank 1): error: --batch-size 33 is the global batch and does not divide among 2 processes"
+    nodes = two_nodes(argvs)
     errors = stderr_when_ended(nodes)
-    assert all(node.returncode != 0 for node in nodes)
-    assert f"train.py (rank 1): error: checkpoint {copies[1]} not found" in errors, errors
+    assert all(node.returncode != 0 for node in nodes) and said in errors, errors
     assert "train.py: error: another process of this run failed (its message says why)" in errors, errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
@@ -1810,7 +1817,7 @@ def test_nodes_with_different_precisions_stop_in_one_line(data_dir, tmp_path):
     assert all(node.returncode != 0 for node in nodes)
     said = [line for line in errors.splitlines() if line.startswith("train.py") and "FAILED" not in line]
     assert said == ["train.py: error: the processes of this run chose different devices or precisions (this one: cpu, "
-                    "bf16): give every machine the same kind of GPU, or --device and --precision explicitly"], errors
+                    "bf16): give every machine the same kind of device, or --device and --precision explicitly"], errors
     assert not (tmp_path / "run").exists()
 
 
@@ -2089,6 +2096,17 @@ def test_a_device_that_cannot_compute_is_one_line():
     with pytest.raises(devices.DeviceError, match=r"^meta cannot compute \(Tensor.item\(\) cannot be called on meta "
                                                   r"tensors\); check the GPU \(nvidia-smi\), or use --device cpu$"):
         devices.check_computes(torch.device("meta"))
+
+
+def test_cuda_failing_at_start_up_is_one_line(monkeypatch):
+    # CUDA's lazy start-up runs at the first query of the GPU's facts; a driver problem raises there.
+    def broken_driver(device):
+        raise RuntimeError("\n")  # no message at all: the error's kind names it
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices, "read_facts", broken_driver)
+    with pytest.raises(devices.DeviceError, match=r"^cuda cannot be used \(RuntimeError\); check the GPU"):
+        engine.resolve_device("cuda", "auto", False)
 
 
 def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path):

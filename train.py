@@ -223,15 +223,13 @@ def check_args(args, world=engine.World()):
 
 def resolve_device(args, world=engine.World()):
     """The device (under torchrun: this rank's GPU) and the precision it runs."""
-    index = world.local_rank if world.launched else None
-    device, precision = engine.resolve_device(args.device, args.precision, args.compile, index)
+    device, precision = engine.resolve_device(args.device, args.precision, args.compile, world)
     if args.sync_bn and device.type != "cuda":
-        raise UsageError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} "
-                         f"implementation); leave it out")
+        # A DeviceError: with --device auto, a machine whose CUDA is missing meets it alone.
+        raise devices.DeviceError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} "
+                                  f"implementation); leave it out")
     if args.sync_bn and not world.launched:
         engine.note("--sync-bn has no effect in a single process")
-    if world.launched:
-        engine.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
     return device, precision
 
 
@@ -611,7 +609,7 @@ def main(argv=None):
 
 def report(world, error, kind, code):
     """One line on stderr, from rank 0 for what every rank met alike; returns the exit code."""
-    if world.main or not isinstance(error, SAID_BY_RANK_0):
+    if engine.said_here(world, error, SAID_BY_RANK_0):
         rank = f" (rank {world.rank})" if world.launched and not world.main else ""
         print(f"train.py{rank}: {kind}{error}", file=sys.stderr)
     return code
