@@ -29,7 +29,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BF16_MIN_CAPABILITY = (8, 0)
 PRECISION_HELP = ("auto: bf16 on NVIDIA GPUs of compute capability 8.0 and above (A100, H100, RTX 30xx/40xx: "
                   "bf16 tensor cores) and on CPUs with AVX512-BF16 or AMX; fp16 with a grad scaler on older "
-                  "NVIDIA GPUs (T4, V100, RTX 20xx: no bf16 kernels); else fp32")
+                  "NVIDIA GPUs (T4, RTX 20xx; V100 with another torch build: no bf16 kernels); else fp32")
 
 
 class DeviceError(ValueError):

@@ -8,7 +8,8 @@
 Writes into --out-dir (default: the current folder) log.json (rewritten after every epoch), last.pt
 (every epoch, for --resume) and best.pt (the best epoch so far), which is what `gradcam.py` and
 `plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
-torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints.
+torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for an
+error that one process alone meets: that process says it.
 """
 import argparse
 import contextlib
@@ -121,7 +122,7 @@ def build_parser(recipe="default"):
                       help="hold out N training images as a validation set; the plateau schedule and "
                            "best.pt then watch it instead of the training loss / test accuracy (default: %(default)s)")
     data.add_argument("--workers", type=int, default=None,
-                      help="DataLoader workers (default: CPU count, at most 16)")
+                      help="DataLoader workers (default: CPU count, at most 16, shared by torchrun's processes)")
 
     aug = parser.add_argument_group("augmentation")
     aug.add_argument("--pad-crop", type=int, metavar="PIXELS",
