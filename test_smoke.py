@@ -779,8 +779,10 @@ def test_a_t4_gets_fp16_although_torch_calls_bf16_supported(monkeypatch, capsys)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    probed = []
+    monkeypatch.setattr(devices, "check_computes", probed.append)  # no GPU here to run its first computation
     args = train.build_parser().parse_args(["--device", "cuda"])
-    assert train.resolve_device(args) == (torch.device("cuda"), "fp16")
+    assert train.resolve_device(args) == (torch.device("cuda"), "fp16") and probed == [torch.device("cuda")]
     train.resolve_device(train.build_parser().parse_args(["--device", "cuda", "--precision", "bf16"]))
     assert "slow fallback kernels" in capsys.readouterr().err
 
