@@ -120,12 +120,17 @@ class World:
 
     def same_everywhere(self, *values):
         """Whether these integers are equal on every rank (a collective: every rank must call it)."""
+        lows, highs = self.spread(*values)
+        return lows == highs
+
+    def spread(self, *values):
+        """The smallest and the largest of each of these integers over the ranks, as two lists (a collective)."""
         if not self.launched:
-            return True
+            return list(values), list(values)
         low, high = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
         torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-        return torch.equal(low, high)
+        return low.tolist(), high.tolist()
 
     def minimum(self, tensor):
         if self.launched:
@@ -259,10 +264,13 @@ def on_device(world, device, precision):
     # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
     # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
     # loss-scaled gradients with unscaled ones).
-    if not world.same_everywhere(("cpu", "cuda").index(device.type), devices.PRECISIONS.index(precision)):
-        raise DevicesDiffer(f"the processes of this run chose different devices or precisions (this one: "
-                            f"{device.type}, {precision}): give every machine the same kind of device, or "
-                            f"--device and --precision explicitly")
+    choices = (("cpu", "cuda"), devices.PRECISIONS)
+    lows, highs = world.spread(choices[0].index(device.type), choices[1].index(precision))
+    differ = [f"{names[low]} on some, {names[high]} on others" for names, low, high in zip(choices, lows, highs)
+              if low != high]
+    if differ:
+        raise DevicesDiffer(f"the processes of this run chose different devices or precisions ({'; '.join(differ)}): "
+                            f"give every machine the same kind of device, or --device and --precision explicitly")
     if backend == "gloo":
         return world
     # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.

@@ -1818,8 +1818,9 @@ def test_nodes_with_different_precisions_stop_in_one_line(data_dir, tmp_path):
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
     said = [line for line in errors.splitlines() if line.startswith("train.py") and "FAILED" not in line]
-    assert said == ["train.py: error: the processes of this run chose different devices or precisions (this one: cpu, "
-                    "bf16): give every machine the same kind of device, or --device and --precision explicitly"], errors
+    assert said == ["train.py: error: the processes of this run chose different devices or precisions (bf16 on some, "
+                    "fp32 on others): give every machine the same kind of device, or --device and --precision "
+                    "explicitly"], errors
     assert not (tmp_path / "run").exists()
 
 
@@ -2173,7 +2174,7 @@ def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
     # bound to this rank's GPU. No GPU here: torch's new_group is replaced by a recorder.
     made, compared = [], []
     monkeypatch.setattr(torch.distributed, "new_group", lambda **options: made.append(options) or "nccl group")
-    monkeypatch.setattr(engine.World, "same_everywhere", lambda self, *values: compared.append(values) or True)
+    monkeypatch.setattr(engine.World, "spread", lambda self, *values: compared.append(values) or (values, values))
     launched = engine.World(rank=1, local_rank=1, size=2, local_size=2, launched=True, backend="gloo")
     gpu = engine.on_device(launched, torch.device("cuda", 1), "bf16")
     assert (gpu.backend, gpu.data) == ("nccl", "nccl group")
@@ -2183,8 +2184,9 @@ def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
     assert engine.on_device(engine.World(), torch.device("cuda", 0), "bf16") == engine.World()  # one process
     with pytest.raises(devices.DeviceError, match="not on mps"):
         engine.on_device(launched, torch.device("mps"), "fp32")
-    monkeypatch.setattr(engine.World, "same_everywhere", lambda self, *values: False)  # a T4 beside an A100
-    with pytest.raises(engine.DevicesDiffer, match=r"different devices or precisions \(this one: cuda, fp16\)"):
+    bf16, fp16 = devices.PRECISIONS.index("bf16"), devices.PRECISIONS.index("fp16")
+    monkeypatch.setattr(engine.World, "spread", lambda self, *values: ([1, bf16], [1, fp16]))  # a T4 beside an A100
+    with pytest.raises(engine.DevicesDiffer, match=r"different devices or precisions \(bf16 on some, fp16 on others\)"):
         engine.on_device(launched, torch.device("cuda", 1), "fp16")
     assert len(made) == 1
 
