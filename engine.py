@@ -300,14 +300,14 @@ def resolve_device(device_name, precision, compile_model, world=World()):
     """The device (under torchrun: this rank's GPU) and the precision it runs: 'auto' becomes bf16, fp16 or
     fp32 (devices.py). Every problem found is a DeviceError: one line, and under torchrun it is this
     machine's alone, so each rank that meets it says it."""
-    device = devices.pick_device(device_name, world.local_rank if world.launched else None)
+    try:
+        device = devices.pick_device(device_name, world.local_rank if world.launched else None)
+        facts = devices.read_facts(device)
+    except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first call
+        raise devices.DeviceError(f"--device {device_name}: the device cannot be used ({devices.first_line(error)}); "
+                                  f"check the GPU (nvidia-smi), or use --device cpu") from None
     if world.launched:
         backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
-    try:
-        facts = devices.read_facts(device)
-    except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first query
-        raise devices.DeviceError(f"{device} cannot be used ({devices.first_line(error)}); check the GPU "
-                                  f"(nvidia-smi), or use --device cpu") from None
     unsupported = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
     if unsupported:
         raise devices.DeviceError(unsupported)

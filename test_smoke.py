@@ -2108,7 +2108,7 @@ def test_cuda_failing_at_start_up_is_one_line(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices, "read_facts", broken_driver)
-    with pytest.raises(devices.DeviceError, match=r"^cuda cannot be used \(RuntimeError\); check the GPU"):
+    with pytest.raises(devices.DeviceError, match=r"^--device cuda: the device cannot be used \(RuntimeError\); check"):
         engine.resolve_device("cuda", "auto", False)
 
 
