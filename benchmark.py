@@ -282,9 +282,8 @@ def main(argv=None):
             return benchmark(build_parser().parse_args(argv), world)
     except (UsageError, devices.DeviceError, engine.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
-        if engine.said_here(world, error, (UsageError, engine.ElsewhereFailed, engine.DevicesDiffer)):
-            rank = f" (rank {world.rank})" if world.launched and not world.main else ""
-            print(f"benchmark.py{rank}: error: {error}", file=sys.stderr)
+        engine.report_error(world, "benchmark.py", error, f"error: {error}",
+                            (UsageError, engine.ElsewhereFailed, engine.DevicesDiffer))
         return 2
 
 

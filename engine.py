@@ -9,6 +9,7 @@ does nothing on import.
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -278,10 +279,27 @@ def on_device(world, device, precision):
 
 
 def said_here(world, error, alike_everywhere):
-    """Whether this rank prints `error`: rank 0 alone for what every rank met alike (an error of the kinds
-    `alike_everywhere`, or one that every rank met in World.together), else each rank that met it."""
+    """Whether this rank prints `error`: for what every rank met alike (an error of the kinds
+    `alike_everywhere`, or one that every rank met in World.together) the first process of each machine
+    (rank 0 alone on one machine; on several, each machine's log gets the line), else each rank that met it."""
     alike = getattr(error, "on_every_rank", isinstance(error, alike_everywhere))
-    return world.main or not alike
+    return world.local_rank == 0 or not alike
+
+
+def report_error(world, script, error, text, alike_everywhere):
+    """`script: text` in one line on stderr (`script (rank N): text` from a rank other than 0), where
+    said_here says; under torchrun every failing process also leaves it in its error file, where
+    torchrun's failure report reads it: the report then shows the line instead of "To enable traceback
+    see ...", which would not help."""
+    line = f"{script}{f' (rank {world.rank})' if world.launched and not world.main else ''}: {text}"
+    if said_here(world, error, alike_everywhere):
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if world.launched else None
+    if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                            "timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError), open(error_file, "w") as f:
+            json.dump(record, f)
 
 
 @contextlib.contextmanager

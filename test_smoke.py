@@ -535,8 +535,9 @@ def test_a_second_run_does_not_replace_the_first(trained_run, data_dir, tmp_path
     final = json.loads(before["log.json"])["epochs"][-1]["test_acc"]
     code, err = run_main(train, tiny_args(data_dir, folder), capsys)
     assert code == 2 and len(error_lines(err)) == 1, err
-    for words in ("holds another run", "2 of 2 epochs", f"{100 * final:.2f}%", "--resume", "--out-dir", "--overwrite"):
+    for words in ("holds another finished run", "2 of 2 epochs", f"{100 * final:.2f}%", "--out-dir", "--overwrite"):
         assert words in err, (words, err)
+    assert "--resume" not in err  # a finished run has nothing left to continue
     assert {name: (folder / name).read_bytes() for name in before} == before
     assert train.main(tiny_args(data_dir, folder, "--epochs", "1", "--overwrite")) == 0
     assert [r["epoch"] for r in json.loads((folder / "log.json").read_text())["epochs"]] == [1]
@@ -573,7 +574,7 @@ def test_resume_into_another_folder_refuses_another_run_and_branches_the_run(dat
     other = tmp_path / "other"
     shutil.copytree(trained_run, other)
     code, err = run_main(train, [*resume, "--out-dir", str(other)], capsys)
-    assert code == 2 and "holds another run" in err, err
+    assert code == 2 and "holds another finished run" in err, err
     # Stopped before its first epoch was saved: the branch holds the run as saved, and resumes from there.
     monkeypatch.setattr(train.Run, "epoch", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     code, err = run_main(train, [*resume, "--out-dir", str(other), "--overwrite"], capsys)
@@ -1715,6 +1716,13 @@ def two_nodes(argv_of_each, wait_in_epoch=None):
             for rank, argv in enumerate(argv_of_each)]
 
 
+def said_by(script, output):
+    """The lines that `script` itself said in a launch's output, without their "(rank N)": torchrun's
+    failure report repeats them after "traceback : ", and names the script in "train.py FAILED"."""
+    said = (re.match(rf"{re.escape(script)}(?: \(rank \d+\))?: (.*)$", line) for line in output.splitlines())
+    return [match.group(1) for match in said if match]
+
+
 def stderr_when_ended(processes, timeout=120):
     """The processes' stderr, together, once all have ended (killed if one has not after `timeout` s)."""
     try:
@@ -1786,7 +1794,13 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
                        for folder in (data_dir, smaller)])
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
-    assert errors.count("train.py: error: the processes of this run read different data or checkpoints") == 1, errors
+    said = said_by("train.py", errors)  # once a machine: on a cluster each machine's log has its own
+    assert len(said) == 2 and all(text.startswith("error: the processes of this run read different data or "
+                                                  "checkpoints") for text in said), errors
+    # torchrun's failure report shows the line too, not "To enable traceback see ...": it reads each
+    # failed process's error file.
+    assert "traceback : train.py: error: the processes of this run read different data" in errors, errors
+    assert "traceback : train.py (rank 1): error: the processes of this run read different data" in errors, errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
@@ -1795,19 +1809,22 @@ def test_a_failure_on_one_node_before_training_stops_every_node(failure, data_di
     # Two "machines", each with its own copy of the checkpoint or its own command line; the second's fails
     # before any training. The first must stop too, in one line, not wait for it nor end in a traceback (it
     # did when the checks came before the processes connected), and the second must say why, even where
-    # the error is of a kind that rank 0 alone says when every rank meets it (a usage error).
+    # the error is of a kind said once when every rank meets it (a usage error). Which machine gets rank 0
+    # is the rendezvous's choice: the lines are compared without their "(rank N)".
     if failure == "checkpoint":
         missing = tmp_path / "missing" / "last.pt"
         argvs = [["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")]
                  for copy in (trained_run / "last.pt", missing)]
-        said = f"train.py (rank 1): error: checkpoint {missing} not found"
+        why = f"error: checkpoint {missing} not found"
     else:
         argvs = [tiny_args(data_dir, tmp_path / "run", "--batch-size", str(batch)) for batch in (32, 33)]
-        said = "train.py (rank 1): error: --batch-size 33 is the global batch and does not divide among 2 processes"
+        why = ("error: --batch-size 33 is the global batch and does not divide among 2 processes; give a multiple "
+               "of 2 (32 or 34)")
     nodes = two_nodes(argvs)
     errors = stderr_when_ended(nodes)
-    assert all(node.returncode != 0 for node in nodes) and said in errors, errors
-    assert "train.py: error: another process of this run failed (its message says why)" in errors, errors
+    assert all(node.returncode != 0 for node in nodes)
+    assert sorted(said_by("train.py", errors)) == sorted(
+        [why, "error: another process of this run failed (its message says why)"]), errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
@@ -1817,10 +1834,9 @@ def test_nodes_with_different_precisions_stop_in_one_line(data_dir, tmp_path):
     nodes = two_nodes([tiny_args(data_dir, tmp_path / "run", "--precision", precision) for precision in ("bf16", "fp32")])
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
-    said = [line for line in errors.splitlines() if line.startswith("train.py") and "FAILED" not in line]
-    assert said == ["train.py: error: the processes of this run chose different devices or precisions (bf16 on some, "
-                    "fp32 on others): give every machine the same kind of device, or --device and --precision "
-                    "explicitly"], errors
+    assert said_by("train.py", errors) == ["error: the processes of this run chose different devices or precisions "
+                                           "(bf16 on some, fp32 on others): give every machine the same kind of "
+                                           "device, or --device and --precision explicitly"] * 2, errors
     assert not (tmp_path / "run").exists()
 
 
@@ -1837,8 +1853,10 @@ def test_two_nodes_stop_on_sigterm_and_resume_across_world_sizes(data_dir, tmp_p
         node.send_signal(signal.SIGTERM)
     errors = "".join(stderr_of(node) for node in nodes)
     assert all(node.returncode != 0 for node in nodes)
-    assert errors.count("train.py: stopped at epoch 3, after step 2 of 4; epochs 1-2 are saved") == 1, errors
-    assert "continue with: torchrun --nnodes 2 --nproc_per_node 1" in errors
+    said = said_by("train.py", errors)  # once a machine
+    assert len(said) == 2 and all(text.startswith("stopped at epoch 3, after step 2 of 4; epochs 1-2 are saved; "
+                                                  "continue with: torchrun --nnodes 2 --nproc_per_node 1")
+                                  for text in said), errors
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # nothing partial
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["epoch"] == 2 and saved["args"]["batch_size"] == 32
@@ -1959,9 +1977,15 @@ def test_each_machine_downloads_once(tmp_path, monkeypatch):
 
 def test_global_batch_must_divide_among_processes(data_dir, tmp_path, capsys):
     args = train.parse_args(tiny_args(data_dir, tmp_path, "--batch-size", "32"))
-    with pytest.raises(train.UsageError, match="--batch-size 32 is the global batch and does not divide among 3"):
+    with pytest.raises(train.UsageError, match=r"--batch-size 32 is the global batch and does not divide among 3 "
+                                               r"processes; give a multiple of 3 \(30 or 33\)$"):
         train.check_args(args, engine.World(size=3, local_size=3))
     train.check_args(args, engine.World(size=2, local_size=2))
+    # A resumed run keeps its batch (airbench's 500, saved on one GPU, resumed on 8): the advice is the processes.
+    resumed = argparse.Namespace(**dict(vars(args), batch_size=500, resume="run/last.pt"))
+    with pytest.raises(train.UsageError, match=r"^run/last.pt was saved with a global batch of 500, which does not "
+                                               r"divide among 8 processes; resume it on 1, 2, 4, 5 or 10 processes$"):
+        train.check_args(resumed, engine.World(size=8, local_size=8))
     code, err = run_main(train, tiny_args(data_dir, tmp_path, "--sync-bn"), capsys)
     assert code == 2 and "--sync-bn needs CUDA GPUs" in err and len(error_lines(err)) == 1, err
 
@@ -2231,3 +2255,20 @@ def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
         assert len(used) == 4 and all(g is None for g in used)  # decisions: CPU values, on the default gloo group
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_an_error_is_said_once_a_machine_and_left_for_torchruns_report(tmp_path, monkeypatch, capsys):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    second_of_machine_2 = engine.World(rank=3, local_rank=1, size=4, local_size=2, launched=True)
+    first_of_machine_2 = engine.World(rank=2, local_rank=0, size=4, local_size=2, launched=True)
+    shared = train.UsageError("--batch-size 6 is the global batch and does not divide among 4 processes")
+    engine.report_error(second_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_BY_RANK_0)
+    assert capsys.readouterr().err == ""  # the machine's first process says it
+    record = json.loads(error_file.read_text())["message"]  # where torchrun's failure report reads it
+    assert record["message"] == record["extraInfo"]["py_callstack"] == f"train.py (rank 3): error: {shared}"
+    engine.report_error(first_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_BY_RANK_0)
+    assert capsys.readouterr().err == f"train.py (rank 2): error: {shared}\n"
+    own = devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")  # this machine's alone
+    engine.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_BY_RANK_0)
+    assert capsys.readouterr().err == f"train.py (rank 3): error: {own}\n"

@@ -216,8 +216,21 @@ def check_args(args, world=engine.World()):
     if args.cutout > 32:
         raise UsageError(f"--cutout must be at most 32 pixels (got {args.cutout})")
     if args.batch_size % world.size:
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch and does not divide among "
-                         f"{world.size} processes; give a multiple of {world.size}")
+        raise UsageError(batch_not_divisible(args, world.size))
+
+
+def batch_not_divisible(args, processes):
+    """What to do when the global batch does not divide among the processes: a resumed run keeps its batch."""
+    batch = args.batch_size
+    if args.resume:
+        counts = [n for n in range(1, 2 * processes + 1) if batch % n == 0]
+        where = (f"on {', '.join(map(str, counts[:-1]))} or {counts[-1]} processes" if len(counts) > 1
+                 else "in a single process")
+        return (f"{args.resume} was saved with a global batch of {batch}, which does not divide among {processes} "
+                f"processes; resume it {where}")
+    nearest = [n for n in (batch - batch % processes, batch - batch % processes + processes) if n > 0]
+    return (f"--batch-size {batch} is the global batch and does not divide among {processes} processes; give a "
+            f"multiple of {processes} ({' or '.join(map(str, nearest))})")
 
 
 # ----------------------------------------------------------------------------- device
@@ -280,16 +293,18 @@ def refuse_to_replace_another_run(out_dir):
     found = [name for name in (LOG_NAME, LAST_NAME, BEST_NAME) if os.path.exists(os.path.join(out_dir, name))]
     if not found:
         return
-    what = ", ".join(found)
+    what, finished = ", ".join(found), False
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):
         with open(os.path.join(out_dir, LOG_NAME)) as f:
             log = json.load(f)
         last = log["epochs"][-1]
         what = (f"{len(log['epochs'])} of {log['args']['epochs']} epochs, test accuracy "
                 f"{100 * last['test_acc']:.2f}% at epoch {last['epoch']}")
-    raise UsageError(f"{out_dir}/ holds another run ({what}); continue it with --resume "
-                     f"{os.path.join(out_dir, LAST_NAME)}, choose another --out-dir, or give --overwrite to "
-                     f"replace it")
+        finished = len(log["epochs"]) >= log["args"]["epochs"]
+    # A finished run has nothing left to resume: its --epochs are part of its recipe.
+    ways = "" if finished else f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
+    raise UsageError(f"{out_dir}/ holds another {'finished ' if finished else ''}run ({what}); {ways}choose another "
+                     f"--out-dir, or give --overwrite to replace it")
 
 
 def prepare_out_dir(out_dir):
@@ -585,7 +600,7 @@ class Run:
               f"{', '.join(path for path in paths.values() if os.path.exists(path))}")
 
 
-# Errors that every rank meets at the same point (the same arguments, a shared decision): rank 0 says them.
+# Errors that every rank meets at the same point (the same arguments, a shared decision): said once a machine.
 SAID_BY_RANK_0 = (UsageError, Diverged, Stopped, engine.ElsewhereFailed, engine.DevicesDiffer)
 
 
@@ -609,10 +624,8 @@ def main(argv=None):
 
 
 def report(world, error, kind, code):
-    """One line on stderr, from rank 0 for what every rank met alike; returns the exit code."""
-    if engine.said_here(world, error, SAID_BY_RANK_0):
-        rank = f" (rank {world.rank})" if world.launched and not world.main else ""
-        print(f"train.py{rank}: {kind}{error}", file=sys.stderr)
+    """One line on stderr (engine.report_error); returns the exit code."""
+    engine.report_error(world, "train.py", error, f"{kind}{error}", SAID_BY_RANK_0)
     return code
 
 
