@@ -389,5 +389,6 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"{describe_cpu()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        cores, threads = os.cpu_count(), torch.get_num_threads()
+        return f"{describe_cpu()} ({cores} core{'s' * (cores != 1)}, {threads} thread{'s' * (threads != 1)})"
     return device.type

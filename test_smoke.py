@@ -2272,3 +2272,9 @@ def test_an_error_is_said_once_a_machine_and_left_for_torchruns_report(tmp_path,
     own = devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")  # this machine's alone
     engine.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_BY_RANK_0)
     assert capsys.readouterr().err == f"train.py (rank 3): error: {own}\n"
+
+
+def test_the_cpus_name_counts_in_words(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one process of two under torchrun, on a 1-core VM
+    assert devices.device_name(torch.device("cpu")).endswith("(1 core, 1 thread)")
