@@ -632,7 +632,8 @@ def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, t
     monkeypatch.undo()
     assert len(json.loads((tmp_path / "two" / "log.json").read_text())["epochs"]) == 1
     code = run_main(train, ["--resume", str(tmp_path / "two" / "last.pt"), "--device", "cpu", "--workers", "0"])[0]
-    assert code == 0 and "nothing to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing to do" in out and "resuming at epoch 3/2" not in out, out
     log = json.loads((tmp_path / "two" / "log.json").read_text())
     assert [r["epoch"] for r in log["epochs"]] == [1, 2] and "confusion_matrix" in log
 

@@ -495,9 +495,10 @@ class Run:
         nodes = f"{world.nodes} node{'s' if world.nodes > 1 else ''}"
         processes = (f" x {world.size} processes on {nodes} ({world.backend}, {world.per_rank(args.batch_size)} "
                      f"images a step each)" if world.launched else "")
-        print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
-              f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
-              f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
+        if len(self.history) < args.epochs:  # else run() says there is nothing to do
+            print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
+                  f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
+                  f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
     def epoch(self, epoch, stop):
         """Train and evaluate one epoch; returns its log record and the test confusion matrix."""
