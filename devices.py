@@ -389,6 +389,6 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        cores, threads = os.cpu_count(), torch.get_num_threads()
+        cores, threads = os.cpu_count() or 1, torch.get_num_threads()
         return f"{describe_cpu()} ({cores} core{'s' * (cores != 1)}, {threads} thread{'s' * (threads != 1)})"
     return device.type

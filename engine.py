@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import augment
 import devices
+import files
 from resnet import resnet18
 
 # The recipes that --recipe names. "airbench": the settings of airbench's ResNet-18 baseline as published
@@ -148,8 +149,8 @@ class World:
 
     def together(self, job, here=True):
         """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: each failing
-        one with its own error (marked `on_every_rank` when every rank failed, so that rank 0 alone says
-        it: said_here), the others with ElsewhereFailed. No rank waits forever for one that left."""
+        one with its own error (marked `on_every_rank` when every rank failed, so that it is said once a
+        machine: said_here), the others with ElsewhereFailed. No rank waits forever for one that left."""
         result, error = None, None
         try:
             result = job() if here else None
@@ -242,17 +243,17 @@ def processes(world):
     except RuntimeError:
         raise  # a collective failed: a peer may be gone, and tearing down would wait for it
     except BaseException:
-        if world.main:
-            # Rank 0 says why, after this: torchrun sends SIGTERM to the ranks still running as soon as one
-            # has ended, which another rank, meeting the same end, may do first.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Every rank may have a line to say or to leave in torchrun's error file, after this: torchrun sends
+        # SIGTERM to the processes still running as soon as one has ended, which another, meeting the same
+        # end with nothing to say, may do first (torchrun's SIGKILL comes 30 s later).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         torch.distributed.destroy_process_group()  # every rank met the same end (a stop, a shared error)
         raise
     torch.distributed.destroy_process_group()  # and every other group, NCCL's too
 
 
 class DevicesDiffer(devices.DeviceError):
-    """The ranks chose different device types or precisions: every rank meets it, rank 0 says it."""
+    """The ranks chose different device types or precisions: every rank meets it, said once a machine."""
 
 
 def on_device(world, device, precision):
@@ -298,8 +299,8 @@ def report_error(world, script, error, text, alike_everywhere):
     if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
                                                             "timestamp": str(int(time.time()))}}}
-        with contextlib.suppress(OSError), open(error_file, "w") as f:
-            json.dump(record, f)
+        with contextlib.suppress(OSError):  # atomically: torchrun's agent fails on a half-written file
+            files.atomic_write(error_file, json.dumps(record).encode())
 
 
 @contextlib.contextmanager
@@ -322,8 +323,9 @@ def resolve_device(device_name, precision, compile_model, world=World()):
         device = devices.pick_device(device_name, world.local_rank if world.launched else None)
         facts = devices.read_facts(device)
     except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first call
-        raise devices.DeviceError(f"--device {device_name}: the device cannot be used ({devices.first_line(error)}); "
-                                  f"check the GPU (nvidia-smi), or use --device cpu") from None
+        gpu = f" (GPU {world.local_rank})" if world.launched else ""
+        raise devices.DeviceError(f"--device {device_name}{gpu}: the device cannot be used "
+                                  f"({devices.first_line(error)}); check the GPU (nvidia-smi), or use --device cpu") from None
     if world.launched:
         backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
     unsupported = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None

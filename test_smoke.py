@@ -1800,8 +1800,8 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
                                                   "checkpoints") for text in said), errors
     # torchrun's failure report shows the line too, not "To enable traceback see ...": it reads each
     # failed process's error file.
-    assert "traceback : train.py: error: the processes of this run read different data" in errors, errors
-    assert "traceback : train.py (rank 1): error: the processes of this run read different data" in errors, errors
+    # (At least one report: an agent whose rendezvous host has already gone may end without one.)
+    assert re.search(r"traceback : train.py( \(rank 1\))?: error: the processes of this run read different", errors), errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
@@ -2264,14 +2264,14 @@ def test_an_error_is_said_once_a_machine_and_left_for_torchruns_report(tmp_path,
     second_of_machine_2 = engine.World(rank=3, local_rank=1, size=4, local_size=2, launched=True)
     first_of_machine_2 = engine.World(rank=2, local_rank=0, size=4, local_size=2, launched=True)
     shared = train.UsageError("--batch-size 6 is the global batch and does not divide among 4 processes")
-    engine.report_error(second_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_BY_RANK_0)
+    engine.report_error(second_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == ""  # the machine's first process says it
     record = json.loads(error_file.read_text())["message"]  # where torchrun's failure report reads it
     assert record["message"] == record["extraInfo"]["py_callstack"] == f"train.py (rank 3): error: {shared}"
-    engine.report_error(first_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_BY_RANK_0)
+    engine.report_error(first_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == f"train.py (rank 2): error: {shared}\n"
     own = devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")  # this machine's alone
-    engine.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_BY_RANK_0)
+    engine.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == f"train.py (rank 3): error: {own}\n"
 
 

@@ -8,8 +8,8 @@
 Writes into --out-dir (default: the current folder) log.json (rewritten after every epoch), last.pt
 (every epoch, for --resume) and best.pt (the best epoch so far), which is what `gradcam.py` and
 `plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
-torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for an
-error that one process alone meets: that process says it.
+torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for
+errors: one that a process alone meets, it says; one that every process meets, each machine says once.
 """
 import argparse
 import contextlib
@@ -302,7 +302,7 @@ def refuse_to_replace_another_run(out_dir):
                 f"{100 * last['test_acc']:.2f}% at epoch {last['epoch']}")
         finished = len(log["epochs"]) >= log["args"]["epochs"]
     # A finished run has nothing left to resume: its --epochs are part of its recipe.
-    ways = "" if finished else f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
+    ways = "" if finished or LAST_NAME not in found else f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
     raise UsageError(f"{out_dir}/ holds another {'finished ' if finished else ''}run ({what}); {ways}choose another "
                      f"--out-dir, or give --overwrite to replace it")
 
@@ -384,8 +384,10 @@ def train(args, given=frozenset(), world=engine.World()):
         data = load_data(args, world)
         check_same_everywhere(world, args, data, checkpoint)  # then every rank decides alike below
         if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
-            raise CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
-                                  f"classes, but {args.dataset} has {len(data.classes)}")
+            mismatch = CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
+                                       f"classes, but {args.dataset} has {len(data.classes)}")
+            mismatch.on_every_rank = True  # the same everywhere: check_same_everywhere compared them
+            raise mismatch
         parts = split_data(data, args, world)
         # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
         # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
@@ -602,7 +604,7 @@ class Run:
 
 
 # Errors that every rank meets at the same point (the same arguments, a shared decision): said once a machine.
-SAID_BY_RANK_0 = (UsageError, Diverged, Stopped, engine.ElsewhereFailed, engine.DevicesDiffer)
+SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, engine.ElsewhereFailed, engine.DevicesDiffer)
 
 
 def main(argv=None):
@@ -626,7 +628,7 @@ def main(argv=None):
 
 def report(world, error, kind, code):
     """One line on stderr (engine.report_error); returns the exit code."""
-    engine.report_error(world, "train.py", error, f"{kind}{error}", SAID_BY_RANK_0)
+    engine.report_error(world, "train.py", error, f"{kind}{error}", SAID_ONCE_A_MACHINE)
     return code
 
 
