@@ -37,7 +37,7 @@ class UsageError(Exception):
 
 def build_parser():
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, raises=UsageError)
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
     parser.add_argument("--precision", choices=devices.PRECISIONS, default="auto",
                         help=f"autocast precision; {devices.PRECISION_HELP} (default: %(default)s)")
@@ -256,8 +256,9 @@ def settle(args, world):
     return engine.resolve_device(args.device, args.precision, args.compile, world)
 
 
-def benchmark(args, world):
+def benchmark(read_command_line, world):
     with engine.processes(world) as world:
+        args = world.together(read_command_line)  # once connected: a bad flag on one machine stops all
         device, precision = world.together(lambda: settle(args, world))  # a failure on one machine stops all
         world = engine.on_device(world, device, precision)
         workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
@@ -279,7 +280,7 @@ def main(argv=None):
     world = engine.world_from_environment()
     try:
         with engine.quiet_unless(world.main):
-            return benchmark(build_parser().parse_args(argv), world)
+            return benchmark(lambda: build_parser().parse_args(argv), world)
     except (UsageError, devices.DeviceError, engine.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
         engine.report_error(world, "benchmark.py", error, f"error: {error}",

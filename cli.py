@@ -2,6 +2,7 @@
 import (picture_format imports matplotlib when called): plot_curves.py must start fast, without torch.
 
     parser = cli.Parser(description="...")       # argparse; a bad flag is one line and a hint to --help
+    parser = cli.Parser(raises=UsageError)        # the same line, raised as UsageError(line) instead
     cli.picture_format("a.pdf", UsageError)       # "pdf", as matplotlib writes it; else UsageError(one line)
     return cli.run_quietly_into_a_closed_pipe(work)   # `script | head -1` ends quietly
 
@@ -13,10 +14,20 @@ import sys
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, except that a bad command line gets one line, not the whole usage block first."""
+    """argparse, except that a bad command line gets one line, not the whole usage block first. With
+    `raises` (an exception class) that line is raised rather than printed: under torchrun a process
+    must not leave alone, silent, while its peers wait for it (train.py reads its command line once the
+    processes have connected, and every process stops with the line)."""
+
+    def __init__(self, *args, raises=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raises = raises
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        text = f"{message} (see {self.prog} --help)"
+        if self.raises is not None:
+            raise self.raises(text)
+        self.exit(2, f"{self.prog}: error: {text}\n")
 
 
 def picture_format(path, error):

@@ -297,8 +297,10 @@ def report_error(world, script, error, text, alike_everywhere):
         print(line, file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if world.launched else None
     if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
-        record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                            "timestamp": str(int(time.time()))}}}
+        # torchrun's report names the earliest file its "Root Cause" (whole seconds; on a tie the lowest
+        # rank): a process that only says another one failed dates its file a second later.
+        timestamp = int(time.time()) + isinstance(error, ElsewhereFailed)
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(timestamp)}}}
         with contextlib.suppress(OSError):  # atomically: torchrun's agent fails on a half-written file
             files.atomic_write(error_file, json.dumps(record).encode())
 

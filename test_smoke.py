@@ -1805,7 +1805,32 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
-@pytest.mark.parametrize("failure", ["checkpoint", "arguments"])
+def test_torchrun_nodes_given_different_settings_stop_in_one_line(data_dir, tmp_path):
+    # Each machine has its own command line. Another --lr would step each rank's optimizer differently on
+    # the same averaged gradients (the copies of the model drift apart, rank 0 saves its own); another
+    # --seed would shuffle other shares of the images (some seen twice an epoch, some never).
+    nodes = two_nodes([tiny_args(data_dir, tmp_path / "run", "--lr", lr, "--seed", seed)
+                       for lr, seed in (("0.1", "0"), ("0.2", "1"))])
+    errors = stderr_when_ended(nodes)
+    assert all(node.returncode != 0 for node in nodes)
+    assert said_by("train.py", errors) == ["error: the processes of this run have different settings (--lr, --seed): "
+                                           "give every machine the same command line"] * 2, errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_settings_that_every_process_must_share_name_their_flags(trained_run):
+    # The same names in the same order on every rank (they are compared position by position), whatever
+    # the checkpoint holds; the machine's own flags are left out, but for the two that change what DDP does.
+    checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
+    fresh = train.agreed_settings(train.parse_args([]), None)
+    resumed, _ = train.args_for_resume(train.parse_args(["--resume", str(trained_run / "last.pt")]), {"resume"})
+    assert list(train.agreed_settings(resumed, checkpoint)) == list(fresh)
+    assert {"--lr", "--seed", "--batch-size", "--epochs", "--no-nesterov", "--sync-bn", "--no-channels-last",
+            "the checkpoint's history"} <= set(fresh)
+    assert not {"--device", "--precision", "--workers", "--data-dir", "--out-dir", "--resume", "--help"} & set(fresh)
+
+
+@pytest.mark.parametrize("failure", ["checkpoint", "arguments", "a flag argparse refuses"])
 def test_a_failure_on_one_node_before_training_stops_every_node(failure, data_dir, trained_run, tmp_path):
     # Two "machines", each with its own copy of the checkpoint or its own command line; the second's fails
     # before any training. The first must stop too, in one line, not wait for it nor end in a traceback (it
@@ -1817,10 +1842,13 @@ def test_a_failure_on_one_node_before_training_stops_every_node(failure, data_di
         argvs = [["--resume", str(copy), "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "run")]
                  for copy in (trained_run / "last.pt", missing)]
         why = f"error: checkpoint {missing} not found"
-    else:
+    elif failure == "arguments":
         argvs = [tiny_args(data_dir, tmp_path / "run", "--batch-size", str(batch)) for batch in (32, 33)]
         why = ("error: --batch-size 33 is the global batch and does not divide among 2 processes; give a multiple "
                "of 2 (32 or 34)")
+    else:  # argparse's own error: it left silently (exit 2) while the other machine waited to connect
+        argvs = [tiny_args(data_dir, tmp_path / "run", "--batch-size", batch) for batch in ("32", "3x")]
+        why = "error: argument --batch-size: invalid int value: '3x' (see train.py --help)"
     nodes = two_nodes(argvs)
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
@@ -2273,6 +2301,25 @@ def test_an_error_is_said_once_a_machine_and_left_for_torchruns_report(tmp_path,
     own = devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")  # this machine's alone
     engine.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == f"train.py (rank 3): error: {own}\n"
+
+
+def test_torchruns_root_cause_is_the_process_that_says_why(tmp_path, monkeypatch):
+    # Rank 1 fails alone; rank 0 stops with it in the same second. torchrun's report names the earliest
+    # error file its "Root Cause" (the lowest rank on a tie), which must be rank 1's line, not rank 0's
+    # "another process failed". torch's own classes read the files.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    monkeypatch.setattr(engine.time, "time", lambda: 1_800_000_000.5)
+    failures = {}
+    for rank, error in ((0, engine.ElsewhereFailed("another process of this run failed (its message says why)")),
+                        (1, devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU"))):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error-{rank}.json"))
+        world = engine.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True)
+        engine.report_error(world, "train.py", error, f"error: {error}", train.SAID_ONCE_A_MACHINE)
+        failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=2,
+                                        error_file=str(tmp_path / f"error-{rank}.json"))
+    rank, first = ChildFailedError("train.py", failures).get_first_failure()
+    assert (rank, first.message["message"]) == (1, "train.py (rank 1): error: --device cuda asked for, but PyTorch "
+                                                    "sees no CUDA GPU")
 
 
 def test_the_cpus_name_counts_in_words(monkeypatch):

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ recipe: the defaults are airbench's ResNet-18 settings (KellerJordan/cifar10-zoo
 
 def parse_args(argv=None):
     """The command line, with the defaults of the --recipe it names."""
-    recipe_only = cli.Parser(prog=os.path.basename(__file__), add_help=False)
+    recipe_only = cli.Parser(prog=os.path.basename(__file__), add_help=False, raises=UsageError)
     recipe_only.add_argument("--recipe", choices=sorted(engine.RECIPES), default="default")
     recipe = recipe_only.parse_known_args(argv)[0].recipe
     return build_parser(recipe).parse_args(argv)
@@ -101,7 +102,7 @@ def parse_args(argv=None):
 
 def build_parser(recipe="default"):
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, raises=UsageError)
     parser.add_argument("--recipe", choices=sorted(engine.RECIPES), default="default",
                         help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as "
                              "published) or seed (the project this started from), see 'recipe:' below; flags "
@@ -370,10 +371,13 @@ def epoch_line(record, epochs, has_val):
 
 # ----------------------------------------------------------------------------- the run
 
-def train(args, given=frozenset(), world=engine.World()):
-    """The whole run: data, model, epochs, files. `given`: the flags the command line set; `world`: the
-    processes of a torchrun launch (one without it). Returns the exit code."""
+def train(read_command_line, world=engine.World()):
+    """The whole run: data, model, epochs, files. `read_command_line()`: the arguments and the flags the
+    command line set (flags_given); `world`: the processes of a torchrun launch (one without it). Returns
+    the exit code."""
     with engine.processes(world) as world:
+        # Read once connected: a bad flag on one machine stops every process, not that machine's alone.
+        args, given = world.together(read_command_line)
         # Every input is checked before anything is created: a bad dataset leaves no folder and no lock
         # behind. Each rank reads its own checkpoint, device and data (its machine's copies); a failure
         # anywhere stops every rank. Under torchrun rank 0 owns the folder, and each machine's first
@@ -434,16 +438,38 @@ def load_data(args, world):
 
 
 def check_same_everywhere(world, args, data, checkpoint):
-    """Each machine reads its own --data-dir and checkpoint (whose recipe it continues): different ones
-    would make the ranks take different numbers of steps (and wait for each other forever) or train
-    different models."""
+    """Each machine reads its own --data-dir and checkpoint (whose recipe it continues) and its own
+    command line: different ones would make the ranks take different numbers of steps (and wait for each
+    other forever) or train different models (each rank steps its own optimizer on the averaged gradients)."""
     resumed = (len(checkpoint["history"]), checkpoint["model_args"].get("num_classes") or 0) if checkpoint else (0, 0)
-    if not world.same_everywhere(len(data.train_labels), len(data.test_labels), len(data.classes), int(data.official),
-                                 *resumed, args.epochs, args.batch_size, args.train_subset, args.val_split or 0,
-                                 args.test_subset):
+    counts = (len(data.train_labels), len(data.test_labels), len(data.classes), int(data.official), *resumed)
+    settings = agreed_settings(args, checkpoint)
+    lows, highs = world.spread(*counts, *(zlib.crc32(json.dumps(value).encode()) for value in settings.values()))
+    if lows[:len(counts)] != highs[:len(counts)]:
         raise UsageError("the processes of this run read different data or checkpoints (image counts, official "
                          "files or resumed epochs differ): give every machine the same --data-dir contents and, "
                          "with --resume, the same checkpoint")
+    differ = [name for name, low, high in zip(settings, lows[len(counts):], highs[len(counts):]) if low != high]
+    if differ:
+        same = "the same checkpoint and command line" if args.resume else "the same command line"
+        raise UsageError(f"the processes of this run have different settings ({', '.join(differ)}): give every "
+                         f"machine {same}")
+
+
+# Machine flags that every process must share all the same: --sync-bn changes the collectives of every
+# forward, --no-channels-last the parameters' layout (DDP compares their strides).
+AGREED_MACHINE_FLAGS = ("sync_bn", "channels_last")
+
+
+def agreed_settings(args, checkpoint):
+    """What every process must share, by the flag that sets it: the recipe (the seed too: it shuffles each
+    rank's share of the images), two machine flags, and a resumed run's history. The same names in the
+    same order on every rank, whatever its checkpoint holds: the parser's."""
+    options = {action.dest: action.option_strings[-1] for action in build_parser()._actions if action.option_strings}
+    settings = {options[name]: getattr(args, name, None) for name in options
+                if name not in RUNTIME_FLAGS + ("help",) or name in AGREED_MACHINE_FLAGS}
+    settings["the checkpoint's history"] = checkpoint["history"] if checkpoint else None
+    return settings
 
 
 @contextlib.contextmanager
@@ -476,8 +502,8 @@ class Run:
         model = engine.build_model(self.num_classes, args, device)
         self.runner = engine.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
         self.history, self.best, self.last_confusion = [], None, None
-        if checkpoint is not None:
-            runfiles.restore_checkpoint(self.runner, checkpoint)
+        if checkpoint is not None:  # a checkpoint that does not fit fails everywhere alike, or stops the rest
+            world.together(lambda: runfiles.restore_checkpoint(self.runner, checkpoint))
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
             self.last_confusion = checkpoint.get("confusion")  # absent from checkpoints of earlier versions
         self.resumed = checkpoint  # for catch_up_files
@@ -611,8 +637,7 @@ def main(argv=None):
     world = engine.world_from_environment()
     try:
         with engine.quiet_unless(world.main):
-            args = parse_args(argv)
-            return train(args, flags_given(argv), world)
+            return train(lambda: (parse_args(argv), flags_given(argv)), world)
     except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse,
             engine.ElsewhereFailed) as error:
         return report(world, error, "error: ", 2)
