@@ -156,9 +156,12 @@ class World:
             result = job() if here else None
         except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
             error = raised
+            error.met_at = time.time()  # for torchrun's report: before the others can know of it (report_error)
         failed = self.count(error is not None)
         if failed and error is None:
-            raise ElsewhereFailed("another process of this run failed (its message says why)")
+            elsewhere = ElsewhereFailed("another process of this run failed (its message says why)")
+            elsewhere.met_at = time.time()  # after the count, which the failing rank joined after meeting its error
+            raise elsewhere
         if failed:
             error.on_every_rank = failed == self.size
             raise error
@@ -297,9 +300,10 @@ def report_error(world, script, error, text, alike_everywhere):
         print(line, file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if world.launched else None
     if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
-        # torchrun's report names the earliest file its "Root Cause" (whole seconds; on a tie the lowest
-        # rank): a process that only says another one failed dates its file a second later.
-        timestamp = int(time.time()) + isinstance(error, ElsewhereFailed)
+        # torchrun's report names the earliest file its "Root Cause" (in whole seconds; a tie goes to the
+        # failure it noticed first): files are dated when the error was met, not when it is said (a rank
+        # may unwind longer), and a process that only says another one failed dates its file a second later.
+        timestamp = int(getattr(error, "met_at", time.time())) + isinstance(error, ElsewhereFailed)
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(timestamp)}}}
         with contextlib.suppress(OSError):  # atomically: torchrun's agent fails on a half-written file
             files.atomic_write(error_file, json.dumps(record).encode())

@@ -1823,8 +1823,12 @@ def test_the_settings_that_every_process_must_share_name_their_flags(trained_run
     # the checkpoint holds; the machine's own flags are left out, but for the two that change what DDP does.
     checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
     fresh = train.agreed_settings(train.parse_args([]), None)
-    resumed, _ = train.args_for_resume(train.parse_args(["--resume", str(trained_run / "last.pt")]), {"resume"})
-    assert list(train.agreed_settings(resumed, checkpoint)) == list(fresh)
+    resumed_args, _ = train.args_for_resume(train.parse_args(["--resume", str(trained_run / "last.pt")]), {"resume"})
+    resumed = train.agreed_settings(resumed_args, checkpoint)
+    assert list(resumed) == list(fresh)
+    assert (resumed["--lr"], resumed["--epochs"], resumed["the checkpoint's history"]) == (
+        checkpoint["args"]["lr"], checkpoint["args"]["epochs"], checkpoint["history"])  # the run's own, compared
+    assert all(json.dumps(value) for value in [*fresh.values(), *resumed.values()])  # each becomes a crc32
     assert {"--lr", "--seed", "--batch-size", "--epochs", "--no-nesterov", "--sync-bn", "--no-channels-last",
             "the checkpoint's history"} <= set(fresh)
     assert not {"--device", "--precision", "--workers", "--data-dir", "--out-dir", "--resume", "--help"} & set(fresh)
@@ -2304,17 +2308,30 @@ def test_an_error_is_said_once_a_machine_and_left_for_torchruns_report(tmp_path,
 
 
 def test_torchruns_root_cause_is_the_process_that_says_why(tmp_path, monkeypatch):
-    # Rank 1 fails alone; rank 0 stops with it in the same second. torchrun's report names the earliest
-    # error file its "Root Cause" (the lowest rank on a tie), which must be rank 1's line, not rank 0's
-    # "another process failed". torch's own classes read the files.
+    # Rank 1 fails alone (at 100.95 s); rank 0 stops with it (at 101.02 s) and unwinds faster. torchrun's
+    # report names the earliest error file its "Root Cause" (whole seconds; a tie goes to the failure it
+    # noticed first), which must be rank 1's line, not rank 0's "another process failed", however late
+    # rank 1 gets to say it. torch's own classes read the files; a recorder stands in for the count.
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-    monkeypatch.setattr(engine.time, "time", lambda: 1_800_000_000.5)
+    monkeypatch.setattr(engine.World, "count", lambda self, flag: 1)  # one rank failed
+    clock = iter([1_800_000_100.95, 1_800_000_101.02])  # rank 1 meets its error, then rank 0 learns of it
+    monkeypatch.setattr(engine.time, "time", lambda: next(clock))
+    errors = {}
+
+    def fail():
+        raise devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+    for rank, here in ((1, True), (0, False)):
+        with pytest.raises(Exception) as raised:
+            engine.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True).together(fail, here=here)
+        errors[rank] = raised.value
+    assert isinstance(errors[0], engine.ElsewhereFailed)
+    clock = iter([1_800_000_101.1, 1_800_000_103.5])  # rank 0 says its line at once, rank 1 seconds later
+    monkeypatch.setattr(engine.time, "time", lambda: next(clock))
     failures = {}
-    for rank, error in ((0, engine.ElsewhereFailed("another process of this run failed (its message says why)")),
-                        (1, devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU"))):
+    for rank in (0, 1):  # torchrun notices rank 0 first
         monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error-{rank}.json"))
         world = engine.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True)
-        engine.report_error(world, "train.py", error, f"error: {error}", train.SAID_ONCE_A_MACHINE)
+        engine.report_error(world, "train.py", errors[rank], f"error: {errors[rank]}", train.SAID_ONCE_A_MACHINE)
         failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=2,
                                         error_file=str(tmp_path / f"error-{rank}.json"))
     rank, first = ChildFailedError("train.py", failures).get_first_failure()

@@ -383,14 +383,15 @@ def train(read_command_line, world=engine.World()):
         # anywhere stops every rank. Under torchrun rank 0 owns the folder, and each machine's first
         # process downloads the data while the others wait.
         args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
+        check_same_settings(world, args, checkpoint)  # before a download: --dataset may differ
         world = engine.on_device(world, device, precision)
         world.together(lambda: check_new_run(args, checkpoint), here=world.main)
         data = load_data(args, world)
-        check_same_everywhere(world, args, data, checkpoint)  # then every rank decides alike below
+        check_same_data(world, data, checkpoint)  # then every rank decides alike below
         if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
             mismatch = CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
                                        f"classes, but {args.dataset} has {len(data.classes)}")
-            mismatch.on_every_rank = True  # the same everywhere: check_same_everywhere compared them
+            mismatch.on_every_rank = True  # the same everywhere: check_same_data compared them
             raise mismatch
         parts = split_data(data, args, world)
         # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
@@ -437,23 +438,28 @@ def load_data(args, world):
     return next(data for data in loaded if data is not None)
 
 
-def check_same_everywhere(world, args, data, checkpoint):
-    """Each machine reads its own --data-dir and checkpoint (whose recipe it continues) and its own
-    command line: different ones would make the ranks take different numbers of steps (and wait for each
-    other forever) or train different models (each rank steps its own optimizer on the averaged gradients)."""
-    resumed = (len(checkpoint["history"]), checkpoint["model_args"].get("num_classes") or 0) if checkpoint else (0, 0)
-    counts = (len(data.train_labels), len(data.test_labels), len(data.classes), int(data.official), *resumed)
+def check_same_settings(world, args, checkpoint):
+    """Each machine has its own command line and reads its own checkpoint (whose recipe it continues):
+    another recipe (--lr, say) would train different models (each rank steps its own optimizer on the
+    averaged gradients), another seed other shares of the images."""
     settings = agreed_settings(args, checkpoint)
-    lows, highs = world.spread(*counts, *(zlib.crc32(json.dumps(value).encode()) for value in settings.values()))
-    if lows[:len(counts)] != highs[:len(counts)]:
-        raise UsageError("the processes of this run read different data or checkpoints (image counts, official "
-                         "files or resumed epochs differ): give every machine the same --data-dir contents and, "
-                         "with --resume, the same checkpoint")
-    differ = [name for name, low, high in zip(settings, lows[len(counts):], highs[len(counts):]) if low != high]
+    lows, highs = world.spread(*(zlib.crc32(json.dumps(value).encode()) for value in settings.values()))
+    differ = [name for name, low, high in zip(settings, lows, highs) if low != high]
     if differ:
         same = "the same checkpoint and command line" if args.resume else "the same command line"
         raise UsageError(f"the processes of this run have different settings ({', '.join(differ)}): give every "
                          f"machine {same}")
+
+
+def check_same_data(world, data, checkpoint):
+    """Each machine reads its own --data-dir and checkpoint: other image counts would make the ranks take
+    different numbers of steps (and wait for each other forever)."""
+    resumed = (len(checkpoint["history"]), checkpoint["model_args"].get("num_classes") or 0) if checkpoint else (0, 0)
+    if not world.same_everywhere(len(data.train_labels), len(data.test_labels), len(data.classes), int(data.official),
+                                 *resumed):
+        raise UsageError("the processes of this run read different data or checkpoints (image counts, official "
+                         "files or resumed epochs differ): give every machine the same --data-dir contents and, "
+                         "with --resume, the same checkpoint")
 
 
 # Machine flags that every process must share all the same: --sync-bn changes the collectives of every
