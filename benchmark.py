@@ -11,6 +11,7 @@ DistributedDataParallel, the gradient all-reduce alone, and the scaling efficien
 images/s over N times one process's, at the same batch per process).
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ import devices
 import engine
 import files
 from resnet import resnet18
+
+import albumentations as A  # noqa: E402 - after augment, which stops it asking PyPI for updates on import
 
 # The seed project's loop: batch 64, fp32, NCHW, 4 workers; the baseline of the speedup.
 SEED_SETTINGS = {"batch_size": engine.RECIPES["seed"]["batch_size"], **engine.SEED_MACHINE, "workers": 4,
@@ -47,7 +50,7 @@ def build_parser():
                         help="keep the NCHW memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers (default: CPU count, at most 16, shared by torchrun's processes)")
+                        help="DataLoader workers (default: as train.py's, the CPU count less one, at most 16)")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="timed steps per row (default: 3 on a CPU, about 100 s on 2 cores; 100 on a GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the augmentation (default: 0); the synthetic images are fixed")
@@ -103,12 +106,49 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
         sampler.set_epoch(epoch)
         return sum(len(batch.to(device, non_blocking=non_blocking)) for batch, _ in loader)
 
-    one_pass(0)  # warm-up
-    synchronize()
-    start = time.perf_counter()
-    seen = sum(one_pass(epoch) for epoch in range(1, -(-batches // pool) + 1))
-    synchronize()
+    with workers_stopped(loader):
+        one_pass(0)  # warm-up
+        synchronize()
+        start = time.perf_counter()
+        seen = sum(one_pass(epoch) for epoch in range(1, -(-batches // pool) + 1))
+        synchronize()
     return seen / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def workers_stopped(loader):
+    """The loader's workers end on leaving, also on an error (a GPU out of memory, Ctrl-C): the traceback
+    keeps the loader alive, and the process would never exit (engine.stop_workers says why)."""
+    try:
+        yield
+    finally:
+        engine.stop_workers(loader)
+
+
+def augmentation_rate(args, images, cutout=None):
+    """Images per second through the training transform in this process: what one worker core gives.
+    cutout: another transform in the place of augment.Cutout (the baseline: albumentations' CoarseDropout)."""
+    transform = augment.train_transform(augment.CIFAR10_MEAN, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip)
+    if cutout is not None:
+        transform = A.Compose([cutout if isinstance(step, augment.Cutout) else step for step in transform.transforms])
+    augment.reseed(transform, args.seed)
+    start = time.perf_counter()
+    for image in images:
+        transform(image=image)
+    return len(images) / (time.perf_counter() - start)
+
+
+def measure_augmentation(args):
+    """The cutout made cheap, against the albumentations CoarseDropout it replaced, on the same images, one
+    core each (best of three passes, against other work on the machine)."""
+    images, _ = synthetic_images(5000, seed=1)
+    coarse_dropout = A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(args.cutout, args.cutout),
+                                     hole_width_range=(args.cutout, args.cutout),
+                                     fill=augment.mean_colour(augment.CIFAR10_MEAN), p=1.0)
+    ours = max(augmentation_rate(args, images) for _ in range(3))
+    baseline = max(augmentation_rate(args, images, coarse_dropout) for _ in range(3))
+    return {"augmentation_per_core_images_per_s": ours, "coarse_dropout_per_core_images_per_s": baseline,
+            "cores_to_feed_40k_images_per_s": 40_000 / ours}
 
 
 def measure_step(args, precision, device, steps, batch, world=engine.World()):
@@ -151,7 +191,7 @@ def measure_full_loop(args, precision, device, workers, steps, world):
         images, labels, args, augment.CIFAR10_MEAN, device, workers, world=world))
     runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, steps_per_epoch=len(loader), world=world)
-    with engine.StopFlag(world) as stop:
+    with engine.StopFlag(world) as stop, workers_stopped(loader):
         for epoch in (1, 2):
             sampler.set_epoch(epoch)
             stats = engine.train_one_epoch(runner, loader, epoch, 2, stop, bar_enabled=False)
@@ -177,11 +217,12 @@ def measure_all(args, device, precision, workers, world):
     batch = world.per_rank(args.batch_size)  # the step alone: one process's share, without collectives
     print(f"benchmark on {devices.device_name(device)}: batch {args.batch_size}"
           f"{f' ({world.size} processes of {world.per_rank(args.batch_size)})' if world.launched else ''}, "
-          f"{precision}, {'channels_last' if args.channels_last else 'NCHW'}, {workers} workers, "
+          f"{precision}, {'channels_last' if args.channels_last else 'NCHW'}, {workers} worker{'s' * (workers != 1)}, "
           f"{steps} timed steps each")
     # The pipeline is cheap to measure, so it gets 10x the batches: less noise.
     pipeline = measure_pipeline(run, device, workers, 10 * steps, world)
     pipeline_float = measure_pipeline(run, device, workers, 10 * steps, world, normalize_in_workers=True)
+    augmentation = measure_augmentation(run)
     # The step with glibc's default allocator too, as the baseline of heap reuse.
     tune_heap = device.type == "cpu" and engine.glibc() is not None
     step_default_heap = measure_step(run, precision, device, steps, batch) if tune_heap else None
@@ -201,6 +242,9 @@ def measure_all(args, device, precision, workers, world):
             "channels_last": args.channels_last, "compile": args.compile, "workers": workers, "steps": steps,
             "cpu_heap_reuse": heap_reuse, **world.description(), "per_rank_batch": world.per_rank(args.batch_size),
             "pipeline_images_per_s": pipeline, "pipeline_normalized_in_workers_images_per_s": pipeline_float,
+            **augmentation,
+            "cutout_speedup_per_core": (augmentation["augmentation_per_core_images_per_s"]
+                                        / augmentation["coarse_dropout_per_core_images_per_s"]),
             "step_images_per_s": step, "step_default_malloc_images_per_s": step_default_heap, **result,
             "full_loop_images_per_s": full,
             "efficiency": full / world.size / min(pipeline, step_per_process),
@@ -236,6 +280,10 @@ def benchmark_table(r):
              f"{r['pipeline_images_per_s']:,.0f} img/s"),
             ("  the same, normalized to float32 in the workers",
              f"{r['pipeline_normalized_in_workers_images_per_s']:,.0f} img/s"),
+            ("augmentation alone, one core (a worker's share)", f"{r['augmentation_per_core_images_per_s']:,.0f} img/s"),
+            ("  the same, cutout by albumentations' CoarseDropout", f"{r['coarse_dropout_per_core_images_per_s']:,.0f} img/s"),
+            ("  speedup of the cheap cutout", f"{r['cutout_speedup_per_core']:.2f}x"),
+            ("  worker cores to feed 40,000 img/s", f"{r['cores_to_feed_40k_images_per_s']:.1f}"),
             (f"model step alone (forward + backward + SGD){per_process}", f"{r['step_images_per_s']:,.0f} img/s"),
             *([("  the same, glibc's default malloc (no heap reuse)",
                 f"{r['step_default_malloc_images_per_s']:,.0f} img/s")] if r["cpu_heap_reuse"] else []),

@@ -18,6 +18,8 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -89,23 +91,72 @@ def worker_start_method():
 
 # ----------------------------------------------------------------------------- decisions
 
-def choose_device(name, cuda_available, mps_is_available):
-    """'auto' -> cuda, then mps, then cpu; an explicit device must exist. Returns the device type."""
+def choose_device(name, cuda_available, mps_is_available, nvidia_driver=None, torch_cuda=None):
+    """'auto' -> cuda, then mps, then cpu; an explicit device must exist. Returns the device type.
+
+    nvidia_driver: the version of an NVIDIA driver this machine has (None: no NVIDIA GPU); torch_cuda: the
+    CUDA version torch was built for (torch.version.cuda; None for a CPU-only build). A GPU that torch
+    cannot use is said, not skipped: --device auto would otherwise train for hours on the CPU."""
+    if name not in ("auto", "cuda", "mps", "cpu"):
+        raise DeviceError(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
+    if name in ("auto", "cuda") and not cuda_available and nvidia_driver is not None:
+        raise DeviceError(unusable_gpu(nvidia_driver, torch_cuda))
     if name == "auto":
         return "cuda" if cuda_available else "mps" if mps_is_available else "cpu"
-    if name not in ("cuda", "mps", "cpu"):
-        raise DeviceError(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
     if name == "cuda" and not cuda_available:
-        raise DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu "
-                          "(or install a CUDA build of torch)")
+        raise DeviceError("--device cuda asked for, but this machine shows no NVIDIA GPU (no driver found); "
+                          "use --device cpu")
     if name == "mps" and not mps_is_available:
         raise DeviceError("--device mps asked for, but this machine has no MPS; use --device cpu")
     return name
 
 
+# The oldest NVIDIA driver that runs each CUDA major version's builds (CUDA's minor version compatibility).
+MIN_DRIVER_FOR_CUDA = {11: 450, 12: 525, 13: 580}
+OLDER_CUDA_BUILD = ("pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126 "
+                    "(CUDA 12.6 builds run on drivers from 525; other builds: https://pytorch.org/get-started/locally/)")
+
+
+def unusable_gpu(driver, torch_cuda):
+    """The one line for an NVIDIA GPU that this torch cannot use, naming the driver, the build and the fix."""
+    found = f"this machine has an NVIDIA GPU (driver {driver or 'of unknown version'})"
+    cpu = "or give --device cpu to train on the CPU"
+    if torch_cuda is None:
+        return f"{found}, but this torch is a CPU-only build: install a CUDA build, e.g. {OLDER_CUDA_BUILD}; {cpu}"
+    needed = MIN_DRIVER_FOR_CUDA.get(int(torch_cuda.split(".")[0]))
+    driver_major = int(driver.split(".")[0]) if re.match(r"\d+", driver or "") else None
+    if needed and driver_major is not None and driver_major < needed:
+        return (f"{found}, but this torch was built for CUDA {torch_cuda}, which needs driver {needed} or newer: "
+                f"update the driver, or install a build for your driver, e.g. {OLDER_CUDA_BUILD}; {cpu}")
+    return (f"{found}, but this torch (built for CUDA {torch_cuda}) cannot use it: check nvidia-smi and "
+            f"CUDA_VISIBLE_DEVICES; {cpu}")
+
+
+def nvidia_driver_version(proc_file="/proc/driver/nvidia/version", nvidia_smi="nvidia-smi"):
+    """The NVIDIA driver's version ('550.54.15') where this machine has one, '' where it has one whose version
+    cannot be read, None where it has none, or where CUDA_VISIBLE_DEVICES hides every GPU on purpose."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return None
+    with contextlib.suppress(OSError):
+        with open(proc_file) as f:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar ..."
+            found = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", f.read())
+            return found.group(1) if found else ""
+    if shutil.which(nvidia_smi) is None:  # WSL and some containers have nvidia-smi but no /proc entry
+        return None
+    try:
+        answer = subprocess.run([nvidia_smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    versions = answer.stdout.split()
+    return versions[0] if answer.returncode == 0 and versions else None
+
+
 def pick_device(name, index=None):
     """The torch.device for --device NAME; `index` picks one of several GPUs (torchrun's LOCAL_RANK)."""
-    kind = choose_device(name, torch.cuda.is_available(), mps_available())
+    cuda = torch.cuda.is_available()
+    driver = None if cuda or name not in ("auto", "cuda") else nvidia_driver_version()
+    kind = choose_device(name, cuda, mps_available(), driver, torch.version.cuda)
     if kind == "cuda" and index is not None:
         visible = torch.cuda.device_count()
         if index >= visible:

@@ -9,6 +9,7 @@ does nothing on import.
 import contextlib
 import ctypes
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -176,8 +177,12 @@ class World:
         synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
         for module in synced:
             module.process_group = self.data  # not the default group's gloo: it would copy through the host
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   process_group=self.data, forward_sync_buffers=not synced)
+        # torch 2.13 renamed broadcast_buffers (deprecated there, with a warning) to forward_sync_buffers.
+        ddp = nn.parallel.DistributedDataParallel
+        sync_keyword = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                        else "broadcast_buffers")
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.data,
+                   **{sync_keyword: not synced})
 
     def share_buffers(self, model):
         """Rank 0's BatchNorm statistics everywhere: each rank's last training step updated its own."""
@@ -402,10 +407,12 @@ def freed_memory_kept_in_heap(wanted):
 
 
 def default_workers(processes_on_this_machine=1):
-    """Augmentation costs ~60-180 us per image per core: a GPU needs many workers to keep up (16 suffice).
-    Under torchrun the machine's cores are shared by its processes."""
+    """The cores this process may use, less one for itself (it feeds the GPU: copies, kernel launches,
+    the loss's sync), at most 16. Augmentation costs about 30 us per image per core (benchmark.py, on a
+    2-core EPYC): 40,000 images/s take about two workers. Under torchrun the machine's cores are shared
+    by its processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores // processes_on_this_machine))
+    return max(1, min(16, cores // processes_on_this_machine - 1))
 
 
 # ----------------------------------------------------------------------------- data

@@ -149,6 +149,20 @@ def test_train_transform_output_and_cutout_fill():
     assert (out[:, ~hole] == 200).all()
 
 
+def test_cutout_places_its_hole_anywhere_inside_and_leaves_the_input_alone():
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    transform = augment.train_transform(augment.CIFAR10_MEAN, cutout=12, pad_crop=0, flip=False)
+    corners = set()
+    for seed in range(400):
+        augment.reseed(transform, seed)
+        hole = (transform(image=image)["image"] != 200).any(0).nonzero()
+        assert len(hole) == 12 * 12
+        corners.add(tuple(hole.min(0).values.tolist()))
+    assert (image == 200).all()  # no crop or flip before it: the cutout was handed the dataset's own array
+    rows, columns = zip(*corners)
+    assert set(rows) == set(columns) == set(range(32 - 12 + 1))  # every place where the hole fits
+
+
 def test_pipeline_normalization_equals_device_normalization():
     image = coloured_images(1, 3)[0][0]
     mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
@@ -465,8 +479,21 @@ def test_bad_arguments_exit_2_with_one_line(data_dir, tmp_path, capsys, extra, m
 
 def test_cuda_asked_for_but_absent(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also true on a GPU machine
+    monkeypatch.setattr(devices, "nvidia_driver_version", lambda: None)
     code, err = run_main(train, tiny_args(data_dir, tmp_path, "--device", "cuda"), capsys)
-    assert code == 2 and "no CUDA GPU" in err
+    assert code == 2 and "no NVIDIA GPU" in err
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_gpu_that_torch_cannot_use_stops_the_run_in_one_line(data_dir, tmp_path, monkeypatch, capsys, device):
+    # Colab's 550 driver beside torch's CUDA 13 build: --device auto would quietly train on the CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "nvidia_driver_version", lambda: "550.54.15")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    code, err = run_main(train, tiny_args(data_dir, tmp_path, "--device", device), capsys)
+    assert code == 2 and len(error_lines(err)) == 1, err
+    assert "driver 550.54.15" in err and "CUDA 13.0" in err and "580" in err and "--device cpu" in err
+    assert not os.listdir(tmp_path)
 
 
 def test_unwritable_out_dir(data_dir, tmp_path, capsys):
@@ -759,6 +786,59 @@ def test_auto_precision_follows_the_gpus_compute_capability(capability, expected
     assert (slow_bf16 is not None) == (expected == "fp16")
 
 
+@pytest.mark.parametrize("driver, torch_cuda, said", [
+    ("550.54.15", "13.0", ["driver 550.54.15", "built for CUDA 13.0", "driver 580 or newer", "whl/cu126"]),
+    ("560.35.03", None, ["driver 560.35.03", "CPU-only build", "whl/cu126"]),
+    ("580.65.06", "13.0", ["driver 580.65.06", "cannot use it", "CUDA_VISIBLE_DEVICES"]),  # new enough: hidden
+    ("", "12.8", ["driver of unknown version", "CUDA 12.8"]),
+])
+def test_a_gpu_that_torch_cannot_use_is_said_not_skipped(driver, torch_cuda, said):
+    for name in ("auto", "cuda"):
+        with pytest.raises(devices.DeviceError) as raised:
+            devices.choose_device(name, False, False, nvidia_driver=driver, torch_cuda=torch_cuda)
+        assert all(part in str(raised.value) for part in said), str(raised.value)
+    assert devices.choose_device("cpu", False, False, driver, torch_cuda) == "cpu"  # the CPU on purpose
+    assert devices.choose_device("auto", True, False, driver, torch_cuda) == "cuda"
+    assert devices.choose_device("auto", False, False, None, torch_cuda) == "cpu"  # no NVIDIA GPU here
+
+
+def test_the_nvidia_driver_version_is_read_where_linux_shows_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    proc = tmp_path / "version"
+    for text, version in [
+            ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n", "550.54.15"),
+            ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U)\n",
+             "580.65.06"),
+            ("something else\n", "")]:
+        proc.write_text(text)
+        assert devices.nvidia_driver_version(str(proc), nvidia_smi="absent-nvidia-smi") == version
+    missing = str(tmp_path / "missing")
+    assert devices.nvidia_driver_version(missing, nvidia_smi="absent-nvidia-smi") is None
+    smi = tmp_path / "nvidia-smi"  # WSL: nvidia-smi, but no /proc/driver/nvidia
+    smi.write_text("#!/bin/sh\necho 552.22\n")
+    smi.chmod(0o755)
+    assert devices.nvidia_driver_version(missing, nvidia_smi=str(smi)) == "552.22"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden on purpose: the CPU is what was asked
+    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 2024\n")
+    assert devices.nvidia_driver_version(str(proc)) is None
+
+
+def test_default_workers_leave_a_core_to_the_training_process(monkeypatch):
+    for cores, processes, workers in [(2, 1, 1), (1, 1, 1), (16, 1, 15), (64, 1, 16), (16, 8, 1), (96, 8, 11)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cores=cores: set(range(cores)), raising=False)
+        assert engine.default_workers(processes) == workers, (cores, processes)
+
+
+def test_sync_bn_with_compile_warns_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(engine, "resolve_device", lambda *a: (torch.device("cuda", 0), "bf16"))
+    args = argparse.Namespace(device="cuda", precision="auto", compile=True, sync_bn=True)
+    train.resolve_device(args, engine.World(launched=True, size=2, local_size=2))
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--sync-bn with --compile" in err
+    train.resolve_device(argparse.Namespace(**dict(vars(args), compile=False)), engine.World(launched=True, size=2))
+    assert capsys.readouterr().err == ""
+
+
 def test_auto_precision_on_cpus_and_macs():
     assert devices.choose_precision("auto", devices.Facts("cpu", cpu_bf16=True)) == "bf16"
     assert devices.choose_precision("auto", devices.Facts("cpu", cpu_bf16=False)) == "fp32"
@@ -841,8 +921,10 @@ def test_checkpoint_of_a_gpu_run_holds_cpu_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)] * 2)
     args = train.build_parser().parse_args([])
     data = augment.ImageData(None, None, None, None, CLASSES, augment.CIFAR10_MEAN, augment.CIFAR10_STD, True)
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+    with torch.device("meta"):  # no initial values: torch 2.9's fake uniform_ would draw them on a real GPU
         model = resnet.resnet18()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        model = model.to_empty(device="cuda")
         runner = engine.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=10)
         for parameter in model.parameters():  # what SGD's first step creates
@@ -946,18 +1028,23 @@ def test_training_leaves_process_settings_as_found(data_dir, tmp_path, monkeypat
     assert process_settings() == before
 
 
-def test_a_programs_own_precision_settings_survive_a_run(monkeypatch):
+def test_a_programs_own_precision_settings_survive_a_run():
     # A notebook that chose TF32 with the newer API (torch refuses to read the legacy flags after that)
-    # and deterministic algorithms in warn-only mode gets both back as they were.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    # and deterministic algorithms in warn-only mode gets both back as they were. Set and put back by
+    # plain assignment: fp32_precision is a property computed by torch, which monkeypatch's undo (pytest
+    # 9.2 deletes what it set) cannot take away.
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with devices.applied(devices.backend_settings("cuda", deterministic=True)):
             assert torch.are_deterministic_algorithms_enabled()
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "tf32"
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+        matmul.fp32_precision = before
 
 
 def test_a_notebooks_float32_matmul_precision_survives_a_gpu_run():
@@ -1633,6 +1720,25 @@ def test_benchmark_bad_input(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+FAILING_BENCHMARK = """
+import sys, benchmark, engine
+def failing_epoch(runner, loader, *args, **kwargs):
+    next(iter(loader))  # the loader's workers are running
+    raise RuntimeError("CUDA out of memory (raised by the test)")
+engine.train_one_epoch = failing_epoch
+sys.exit(benchmark.main(sys.argv[1:]))
+"""
+
+
+def test_benchmark_exits_when_a_row_fails_while_workers_run(tmp_path):
+    # The traceback keeps the loader alive and its workers ignore SIGTERM: multiprocessing's exit handler
+    # waited for them forever. The timeout only bounds a failure; a passing run ends in seconds.
+    argv = ["--device", "cpu", "--batch-size", "8", "--steps", "1", "--workers", "1", "--out-dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-c", FAILING_BENCHMARK, *argv], cwd=HERE, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode != 0 and "CUDA out of memory (raised by the test)" in done.stderr
+
+
 def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
     argv = ["--device", "cpu", "--batch-size", "8", "--steps", "2", "--workers", "1", "--deterministic",
             "--out-dir", str(tmp_path)]
@@ -1641,13 +1747,17 @@ def test_benchmark_prints_table_and_writes_json(tmp_path, capsys):
     assert process_settings() == before
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "benchmark.json").read_text())
-    for key in ("pipeline_images_per_s", "pipeline_normalized_in_workers_images_per_s", "step_images_per_s",
+    for key in ("pipeline_images_per_s", "pipeline_normalized_in_workers_images_per_s",
+                "augmentation_per_core_images_per_s", "coarse_dropout_per_core_images_per_s",
+                "cutout_speedup_per_core", "cores_to_feed_40k_images_per_s", "step_images_per_s",
                 "full_loop_images_per_s", "efficiency", "seed_settings_images_per_s", "speedup_over_seed_settings",
                 "peak_memory_mb"):
         assert result[key] > 0, key
     assert result["efficiency"] == pytest.approx(
         result["full_loop_images_per_s"] / min(result["pipeline_images_per_s"], result["step_images_per_s"]))
-    for label in ("input pipeline alone", "normalized to float32 in the workers", "model step alone",
+    assert result["cores_to_feed_40k_images_per_s"] == pytest.approx(40_000 / result["augmentation_per_core_images_per_s"])
+    for label in ("input pipeline alone", "normalized to float32 in the workers", "augmentation alone, one core",
+                  "CoarseDropout", "speedup of the cheap cutout", "cores to feed 40,000", "model step alone",
                   "full training loop", "efficiency", "seed's settings", "speedup", "peak"):
         assert label in out
     assert f"{result['speedup_over_seed_settings']:.2f}x" in out

@@ -123,7 +123,8 @@ def build_parser(recipe="default"):
                       help="hold out N training images as a validation set; the plateau schedule and "
                            "best.pt then watch it instead of the training loss / test accuracy (default: %(default)s)")
     data.add_argument("--workers", type=int, default=None,
-                      help="DataLoader workers (default: CPU count, at most 16, shared by torchrun's processes)")
+                      help="DataLoader workers (default: the CPU count less one for the training process, at most "
+                           "16; under torchrun the cores are shared by the machine's processes)")
 
     aug = parser.add_argument_group("augmentation")
     aug.add_argument("--pad-crop", type=int, metavar="PIXELS",
@@ -245,6 +246,10 @@ def resolve_device(args, world=engine.World()):
                                   f"implementation); leave it out")
     if args.sync_bn and not world.launched:
         engine.note("--sync-bn has no effect in a single process")
+    if args.sync_bn and args.compile:
+        print("warning: --sync-bn with --compile is slow: torch.compile cannot trace SyncBatchNorm (pytorch/pytorch"
+              "#161302) and breaks each step at ResNet18's 20 BatchNorm layers, with a CPU-GPU sync at each; "
+              "use one or the other", file=sys.stderr)
     return device, precision
 
 
