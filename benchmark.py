@@ -112,7 +112,7 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
         start = time.perf_counter()
         seen = sum(one_pass(epoch) for epoch in range(1, -(-batches // pool) + 1))
         synchronize()
-    return seen / (time.perf_counter() - start)
+        return seen / (time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -148,7 +148,7 @@ def measure_augmentation(args):
     ours = max(augmentation_rate(args, images) for _ in range(3))
     baseline = max(augmentation_rate(args, images, coarse_dropout) for _ in range(3))
     return {"augmentation_per_core_images_per_s": ours, "coarse_dropout_per_core_images_per_s": baseline,
-            "cores_to_feed_40k_images_per_s": 40_000 / ours}
+            "cutout_speedup_per_core": ours / baseline}
 
 
 def measure_step(args, precision, device, steps, batch, world=engine.World()):
@@ -242,9 +242,8 @@ def measure_all(args, device, precision, workers, world):
             "channels_last": args.channels_last, "compile": args.compile, "workers": workers, "steps": steps,
             "cpu_heap_reuse": heap_reuse, **world.description(), "per_rank_batch": world.per_rank(args.batch_size),
             "pipeline_images_per_s": pipeline, "pipeline_normalized_in_workers_images_per_s": pipeline_float,
-            **augmentation,
-            "cutout_speedup_per_core": (augmentation["augmentation_per_core_images_per_s"]
-                                        / augmentation["coarse_dropout_per_core_images_per_s"]),
+            "pipeline_per_worker_images_per_s": pipeline / max(1, workers),
+            "workers_to_feed_40k_images_per_s": 40_000 * max(1, workers) / pipeline, **augmentation,
             "step_images_per_s": step, "step_default_malloc_images_per_s": step_default_heap, **result,
             "full_loop_images_per_s": full,
             "efficiency": full / world.size / min(pipeline, step_per_process),
@@ -280,10 +279,11 @@ def benchmark_table(r):
              f"{r['pipeline_images_per_s']:,.0f} img/s"),
             ("  the same, normalized to float32 in the workers",
              f"{r['pipeline_normalized_in_workers_images_per_s']:,.0f} img/s"),
-            ("augmentation alone, one core (a worker's share)", f"{r['augmentation_per_core_images_per_s']:,.0f} img/s"),
+            ("  per worker", f"{r['pipeline_per_worker_images_per_s']:,.0f} img/s"),
+            ("  workers (a core each) to feed 40,000 img/s", f"{r['workers_to_feed_40k_images_per_s']:.1f}"),
+            ("augmentation alone, one core", f"{r['augmentation_per_core_images_per_s']:,.0f} img/s"),
             ("  the same, cutout by albumentations' CoarseDropout", f"{r['coarse_dropout_per_core_images_per_s']:,.0f} img/s"),
             ("  speedup of the cheap cutout", f"{r['cutout_speedup_per_core']:.2f}x"),
-            ("  worker cores to feed 40,000 img/s", f"{r['cores_to_feed_40k_images_per_s']:.1f}"),
             (f"model step alone (forward + backward + SGD){per_process}", f"{r['step_images_per_s']:,.0f} img/s"),
             *([("  the same, glibc's default malloc (no heap reuse)",
                 f"{r['step_default_malloc_images_per_s']:,.0f} img/s")] if r["cpu_heap_reuse"] else []),

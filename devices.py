@@ -91,57 +91,73 @@ def worker_start_method():
 
 # ----------------------------------------------------------------------------- decisions
 
-def choose_device(name, cuda_available, mps_is_available, nvidia_driver=None, torch_cuda=None):
+def choose_device(name, cuda_available, mps_is_available, nvidia_driver=None, torch_build=None):
     """'auto' -> cuda, then mps, then cpu; an explicit device must exist. Returns the device type.
 
-    nvidia_driver: the version of an NVIDIA driver this machine has (None: no NVIDIA GPU); torch_cuda: the
-    CUDA version torch was built for (torch.version.cuda; None for a CPU-only build). A GPU that torch
+    nvidia_driver: the version of the NVIDIA driver of a GPU this machine has (None: none); torch_build:
+    what torch was built for ('13.0': its CUDA version, 'ROCm 6.2', None: the CPU only). A GPU that torch
     cannot use is said, not skipped: --device auto would otherwise train for hours on the CPU."""
     if name not in ("auto", "cuda", "mps", "cpu"):
         raise DeviceError(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
     if name in ("auto", "cuda") and not cuda_available and nvidia_driver is not None:
-        raise DeviceError(unusable_gpu(nvidia_driver, torch_cuda))
+        raise DeviceError(unusable_gpu(nvidia_driver, torch_build))
     if name == "auto":
         return "cuda" if cuda_available else "mps" if mps_is_available else "cpu"
     if name == "cuda" and not cuda_available:
-        raise DeviceError("--device cuda asked for, but this machine shows no NVIDIA GPU (no driver found); "
-                          "use --device cpu")
+        raise DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU (none found, or hidden by "
+                          "CUDA_VISIBLE_DEVICES); use --device cpu")
     if name == "mps" and not mps_is_available:
         raise DeviceError("--device mps asked for, but this machine has no MPS; use --device cpu")
     return name
 
 
 # The oldest NVIDIA driver that runs each CUDA major version's builds (CUDA's minor version compatibility).
-MIN_DRIVER_FOR_CUDA = {11: 450, 12: 525, 13: 580}
-OLDER_CUDA_BUILD = ("pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126 "
-                    "(CUDA 12.6 builds run on drivers from 525; other builds: https://pytorch.org/get-started/locally/)")
+MIN_DRIVER_FOR_CUDA = {12: 525, 13: 580}
+CUDA_12_BUILD = ("pip uninstall -y torch torchvision && pip install torch torchvision --index-url "
+                 "https://download.pytorch.org/whl/cu126 (CUDA 12.6: drivers from 525 on)")
 
 
-def unusable_gpu(driver, torch_cuda):
+def unusable_gpu(driver, torch_build):
     """The one line for an NVIDIA GPU that this torch cannot use, naming the driver, the build and the fix."""
     found = f"this machine has an NVIDIA GPU (driver {driver or 'of unknown version'})"
     cpu = "or give --device cpu to train on the CPU"
-    if torch_cuda is None:
-        return f"{found}, but this torch is a CPU-only build: install a CUDA build, e.g. {OLDER_CUDA_BUILD}; {cpu}"
-    needed = MIN_DRIVER_FOR_CUDA.get(int(torch_cuda.split(".")[0]))
     driver_major = int(driver.split(".")[0]) if re.match(r"\d+", driver or "") else None
+    if driver_major is not None and driver_major < MIN_DRIVER_FOR_CUDA[12]:
+        return (f"{found}, older than any torch from 2.9 on can use (CUDA 12 builds need driver 525 or newer): "
+                f"update the driver; {cpu}")
+    if torch_build is None or torch_build.startswith("ROCm"):
+        kind = "a CPU-only build" if torch_build is None else f"a {torch_build} build (for AMD GPUs)"
+        return f"{found}, but this torch is {kind}: install a CUDA build, {CUDA_12_BUILD}; {cpu}"
+    needed = MIN_DRIVER_FOR_CUDA.get(int(torch_build.split(".")[0]))
     if needed and driver_major is not None and driver_major < needed:
-        return (f"{found}, but this torch was built for CUDA {torch_cuda}, which needs driver {needed} or newer: "
-                f"update the driver, or install a build for your driver, e.g. {OLDER_CUDA_BUILD}; {cpu}")
-    return (f"{found}, but this torch (built for CUDA {torch_cuda}) cannot use it: check nvidia-smi and "
+        return (f"{found}, but this torch was built for CUDA {torch_build}, which needs driver {needed} or newer: "
+                f"update the driver, or replace torch with a build for CUDA 12, {CUDA_12_BUILD}; {cpu}")
+    return (f"{found}, but this torch (built for CUDA {torch_build}) cannot use it: check nvidia-smi and "
             f"CUDA_VISIBLE_DEVICES; {cpu}")
 
 
-def nvidia_driver_version(proc_file="/proc/driver/nvidia/version", nvidia_smi="nvidia-smi"):
-    """The NVIDIA driver's version ('550.54.15') where this machine has one, '' where it has one whose version
-    cannot be read, None where it has none, or where CUDA_VISIBLE_DEVICES hides every GPU on purpose."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+def gpus_hidden(visible):
+    """Whether CUDA_VISIBLE_DEVICES (None: unset) hides every GPU: CUDA stops at its first entry that is
+    not a GPU's index or UUID ('', '-1', 'none')."""
+    if visible is None:
+        return False
+    first = visible.split(",")[0].strip()
+    return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
+
+
+def nvidia_driver_version(proc_file="/proc/driver/nvidia/version", nvidia_smi="nvidia-smi", dev="/dev"):
+    """The NVIDIA driver's version ('550.54.15') where this machine has a GPU of its, '' where its version
+    cannot be read, None where there is none to use: no GPU device (a container sees its host's driver in
+    /proc without the GPUs, unless given them), or every GPU hidden by CUDA_VISIBLE_DEVICES on purpose."""
+    nodes = ("nvidiactl", "dxg")  # dxg: WSL's GPU, which has nvidia-smi but no /proc entry
+    if gpus_hidden(os.environ.get("CUDA_VISIBLE_DEVICES")) or not any(
+            os.path.exists(os.path.join(dev, node)) for node in nodes):
         return None
     with contextlib.suppress(OSError):
         with open(proc_file) as f:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar ..."
             found = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", f.read())
             return found.group(1) if found else ""
-    if shutil.which(nvidia_smi) is None:  # WSL and some containers have nvidia-smi but no /proc entry
+    if shutil.which(nvidia_smi) is None:
         return None
     try:
         answer = subprocess.run([nvidia_smi, "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -152,11 +168,17 @@ def nvidia_driver_version(proc_file="/proc/driver/nvidia/version", nvidia_smi="n
     return versions[0] if answer.returncode == 0 and versions else None
 
 
+def torch_build():
+    """What this torch was built for: its CUDA version ('13.0'), 'ROCm 6.2', or None (the CPU only)."""
+    hip = getattr(torch.version, "hip", None)
+    return torch.version.cuda or (f"ROCm {hip}" if hip else None)
+
+
 def pick_device(name, index=None):
     """The torch.device for --device NAME; `index` picks one of several GPUs (torchrun's LOCAL_RANK)."""
     cuda = torch.cuda.is_available()
     driver = None if cuda or name not in ("auto", "cuda") else nvidia_driver_version()
-    kind = choose_device(name, cuda, mps_available(), driver, torch.version.cuda)
+    kind = choose_device(name, cuda, mps_available(), driver, torch_build())
     if kind == "cuda" and index is not None:
         visible = torch.cuda.device_count()
         if index >= visible:
@@ -413,17 +435,10 @@ def rng_state(device_type, cuda=torch.cuda):
 
 
 def restore_rng_state(state, device_type, cuda=torch.cuda):
-    """Put back what rng_state saved. Older checkpoints hold a list with one state per GPU of the machine
-    that wrote them: this GPU takes the state at its own index, when there is one."""
+    """Put back what rng_state saved (a CUDA run's state is left out on a CPU)."""
     torch.set_rng_state(state["torch"])
-    saved = state.get("cuda")
-    if device_type != "cuda" or saved is None:
-        return
-    if isinstance(saved, (list, tuple)):
-        index = cuda.current_device()
-        saved = saved[index] if index < len(saved) else None
-    if saved is not None:
-        cuda.set_rng_state(saved)
+    if device_type == "cuda" and "cuda" in state:
+        cuda.set_rng_state(state["cuda"])
 
 
 def describe_cpu():

@@ -646,8 +646,6 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
     seen, last_refresh, start = 0, time.monotonic(), time.perf_counter()
     bar = progress_bar(loader, len(loader), f"epoch {epoch}/{epochs}", bar_enabled)
     for step, (images, labels) in enumerate(bar):
-        if step == 1:
-            wait_for_a_signal_in_tests(stop, epoch)
         if stop.requested():
             raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
         images = images.to(device, non_blocking=non_blocking)
@@ -672,20 +670,6 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
 
 
 NO_BAD_STEP = 2**62
-
-
-def wait_for_a_signal_in_tests(stop, epoch):
-    """Test-only switch: TRAIN_TEST_WAIT_FOR_SIGNAL=N makes epoch N, after its first step, say so (with the
-    process id) and wait (at most a minute) for a stop signal, so that a test's signal lands between two
-    steps whatever the machine's load."""
-    if os.environ.get("TRAIN_TEST_WAIT_FOR_SIGNAL") == str(epoch):
-        # One write of the whole line: torchrun's processes share one stderr, and print() writes the text and
-        # its newline separately, so two processes' lines could interleave.
-        sys.__stderr__.write(f"test: between steps, waiting for a signal (pid {os.getpid()})\n")
-        sys.__stderr__.flush()
-        deadline = time.monotonic() + 60
-        while stop.signal is None and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 def check_finite(first_bad_step, epoch, steps):

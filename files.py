@@ -8,23 +8,10 @@ plot_curves.py (which must start fast, without torch) uses the same writes as tr
 import contextlib
 import json
 import os
-import sys
-import time
 
 
 class FolderInUse(Exception):
     """Another process holds the folder's lock."""
-
-
-def pause_for_tests(path):
-    """Test-only switch: TRAIN_TEST_PAUSE_IN_WRITE=NAME makes a write of a file named NAME say so, half
-    written (with the process id), and wait there (at most a minute) for the test to kill the process."""
-    name = os.path.basename(path)
-    if name == os.environ.get("TRAIN_TEST_PAUSE_IN_WRITE"):
-        # One write of the whole line: the writer thread's line must not interleave with another.
-        sys.__stderr__.write(f"test: inside a write of {name} (pid {os.getpid()})\n")
-        sys.__stderr__.flush()
-        time.sleep(60)
 
 
 def temp_name(path):
@@ -40,10 +27,7 @@ def atomic_write(path, data):
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            pause_for_tests(path)
-            f.write(data[half:])
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Written into every checkpoint; read_checkpoint refuses files without it.
-CHECKPOINT_FORMAT = "resnet18-cifar-checkpoint/1"
+CHECKPOINT_FORMAT = "resnet18-cifar-checkpoint/2"
 
 
 class BasicBlock(nn.Module):
@@ -100,7 +100,11 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as error:  # damaged bytes fail in many ways (IndexError, KeyError, RuntimeError, ...)
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__}); "
                               f"give a last.pt or best.pt that train.py wrote") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/") and found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was saved by another version of train.py (format {found}; this one reads "
+                              f"{CHECKPOINT_FORMAT}): start a new run, or use the version that wrote it")
+    if found != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py "
                               f"(no '{CHECKPOINT_FORMAT}' format tag)")
     return checkpoint

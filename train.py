@@ -3,6 +3,7 @@
     python train.py --epochs 50                                        # the default recipe, on a GPU
     python train.py --device cpu --train-subset 5000 --test-subset 1000 --epochs 8 --batch-size 128  # ~7 min on 2 cores
     python train.py --resume last.pt                                   # continue a stopped run
+    python train.py --recipe airbench --epochs 26                      # airbench's ResNet-18 settings as published
     torchrun --standalone --nproc_per_node 8 train.py --epochs 50      # the same recipe on 8 GPUs
 
 Writes into --out-dir (default: the current folder) log.json (rewritten after every epoch), last.pt
@@ -10,6 +11,7 @@ Writes into --out-dir (default: the current folder) log.json (rewritten after ev
 `plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
 torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for
 errors: one that a process alone meets, it says; one that every process meets, each machine says once.
+The recipes, resuming, torchrun and every output file are described in README.md.
 """
 import argparse
 import contextlib
@@ -37,7 +39,7 @@ LOCK_NAME = ".train.lock"  # held in the output folder while a run writes there
 # Flags that describe the machine rather than the recipe: --resume takes them from the command line (or
 # their defaults, resolved for this machine); an A100's bf16 run may go on in fp16 on a T4.
 MACHINE_FLAGS = ("device", "precision", "channels_last", "compile", "workers", "sync_bn", "resume", "out_dir",
-                 "overwrite", "benchmark")
+                 "overwrite")
 # Where the data are: kept from the checkpoint unless given, so that a resume finds the run's data.
 PLACE_FLAGS = ("data_dir", "download")
 RUNTIME_FLAGS = MACHINE_FLAGS + PLACE_FLAGS
@@ -49,47 +51,8 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- command line
 
-EPILOG = """\
-examples:
-  python train.py --epochs 50                              the default recipe, on a GPU
-  python train.py --device cpu --train-subset 5000 --test-subset 1000 --epochs 8 --batch-size 128
-                                                           a quick run on a CPU
-  python train.py --resume last.pt                         continue a stopped run
-  python train.py --recipe seed                            the seed project's whole setup
-  torchrun --standalone --nproc_per_node 8 train.py --epochs 50
-                                                           the same recipe on 8 GPUs of one machine
-  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train.py
-                                                           on 2 machines (the command runs on each)
-
-files: log.json, last.pt and best.pt go into --out-dir (default: the current folder). A folder that
-  holds another run's files is refused: continue that run with --resume, choose another --out-dir,
-  or give --overwrite to replace it.
-
-resume: --resume takes the recipe and the epoch count from the checkpoint (a recipe flag given
-  beside it is ignored, with a warning). --device, --precision, --no-channels-last, --compile,
-  --workers and --sync-bn describe this machine: they come from the command line (or their defaults;
-  a --recipe seed run keeps its NCHW, and its fp32 unless --precision is given); so does the number
-  of processes: a run saved by 2 GPUs continues on 1 or on 8. --data-dir and --no-download keep the checkpoint's values unless given;
-  --out-dir defaults to the checkpoint's folder (another one, holding no other run, branches the run:
-  its files go there first).
-
-torchrun: --batch-size is the global batch (each of N processes takes batch/N images), so the same
-  command trains the same recipe on 1, 2 or 8 GPUs; BatchNorm statistics are per process unless
-  --sync-bn; evaluation is split across the processes and its counts added up.
-
-recipe: the defaults are airbench's ResNet-18 settings (KellerJordan/cifar10-zoo) but for the batch and
-  the schedule's shape, chosen over the published settings used before because they did better in
-  10-epoch runs evaluated on held-out training images, never on the test set (README, Results): SGD
-  with Nesterov momentum 0.9, weight decay 5e-4; batch 512; peak lr 0.2 per 500 images, scaled with the
-  batch (0.2048 at 512); one-cycle schedule (Smith & Topin 2019) in PyTorch's OneCycleLR shape: from
-  peak/25 up to the peak over the first 20% of steps, then a cosine anneal to peak/250000; no label
-  smoothing; reflect-pad 4 + random crop, flip, cutout 12 (DeVries & Taylor 2017).
-  --recipe airbench: airbench's baseline's settings as published (--batch-size 500 --lr 0.2 --schedule linear;
-  airbench trains it for --epochs 26).
-  --recipe seed: the seed project's setup, with a validation split instead of the test set (--schedule
-  plateau --val-split 5000 --lr 0.01 --batch-size 64 --weight-decay 0 --label-smoothing 0 --no-nesterov
-  --pad-crop 0 --cutout 0 --precision fp32 --no-channels-last). Flags given beside --recipe override it.
-"""
+# --help ends with the docstring's commands: one text, not two.
+EPILOG = "examples:\n" + __doc__.split("\n\n")[1]
 
 
 def parse_args(argv=None):
@@ -105,8 +68,8 @@ def build_parser(recipe="default"):
                         formatter_class=argparse.RawDescriptionHelpFormatter, raises=UsageError)
     parser.add_argument("--recipe", choices=sorted(engine.RECIPES), default="default",
                         help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as "
-                             "published) or seed (the project this started from), see 'recipe:' below; flags "
-                             "given beside it override it (default: %(default)s)")
+                             "published) or seed (the project this started from, with a validation split); "
+                             "flags given beside it override it; README.md, The recipe (default: %(default)s)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10",
                       help="dataset (default: %(default)s)")
@@ -183,9 +146,8 @@ def build_parser(recipe="default"):
                      help="replace the files of another run found in --out-dir (refused without it)")
     out.add_argument("--resume", metavar="PATH", default=None,
                      help=f"continue the run saved in this {LAST_NAME}: the recipe comes from it, the "
-                          "machine's flags from the command line (see 'resume:' below)")
-    # The benchmark became a script of its own; the old flag says where it went.
-    out.add_argument("--benchmark", action="store_true", help=argparse.SUPPRESS)
+                          "machine's flags (--device, --precision, --workers, ...) and the number of processes from the "
+                          "command line")
     parser.set_defaults(**engine.RECIPES[recipe], recipe=recipe)
     if recipe == "seed":
         parser.set_defaults(**engine.SEED_MACHINE)
@@ -194,8 +156,6 @@ def build_parser(recipe="default"):
 
 def check_args(args, world=engine.World()):
     """Raise UsageError for values no run can use (with `world`'s processes)."""
-    if args.benchmark:
-        raise UsageError("the benchmark is a script of its own now: python benchmark.py (see its --help)")
     positive = {"epochs": args.epochs, "batch-size": args.batch_size}
     for name, value in positive.items():
         if value < 1:
@@ -343,11 +303,6 @@ def args_for_resume(args, given):
         if key not in checkpoint:
             raise CheckpointError(f"{args.resume} lacks '{key}': it cannot be resumed")
     merged = dict(checkpoint["args"])
-    if merged.get("lr") is None:
-        # Saved before the peak lr was recorded, when "lr": null meant 0.1 per 128 images (the default until
-        # airbench's settings); a one-cycle schedule holds the peak it trained with.
-        old_default = 0.1 * merged["batch_size"] / 128
-        merged["lr"] = checkpoint["optimizer"]["param_groups"][0].get("max_lr", old_default)
     ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in sorted(given)
                if k not in RUNTIME_FLAGS and getattr(args, k) != merged.get(k)]
     if ignored:
@@ -516,7 +471,7 @@ class Run:
         if checkpoint is not None:  # a checkpoint that does not fit fails everywhere alike, or stops the rest
             world.together(lambda: runfiles.restore_checkpoint(self.runner, checkpoint))
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
-            self.last_confusion = checkpoint.get("confusion")  # absent from checkpoints of earlier versions
+            self.last_confusion = checkpoint["confusion"]
         self.resumed = checkpoint  # for catch_up_files
         self.writer = (runfiles.BackgroundWriter if world.main else runfiles.NoWriter)(saved_epoch=len(self.history))
         self.test = (augment.to_tensor(test_images).to(device), torch.from_numpy(test_labels).to(device))
