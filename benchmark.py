@@ -277,10 +277,10 @@ def benchmark_table(r):
     per_process = f" (one of {size} processes)" if size > 1 else ""
     rows = [(f"input pipeline alone (augment + DataLoader + copy){per_process}",
              f"{r['pipeline_images_per_s']:,.0f} img/s"),
-            ("  the same, normalized to float32 in the workers",
-             f"{r['pipeline_normalized_in_workers_images_per_s']:,.0f} img/s"),
-            ("  per worker", f"{r['pipeline_per_worker_images_per_s']:,.0f} img/s"),
+            (f"  per worker ({r['workers']})", f"{r['pipeline_per_worker_images_per_s']:,.0f} img/s"),
             ("  workers (a core each) to feed 40,000 img/s", f"{r['workers_to_feed_40k_images_per_s']:.1f}"),
+            ("  normalized to float32 in the workers instead",
+             f"{r['pipeline_normalized_in_workers_images_per_s']:,.0f} img/s"),
             ("augmentation alone, one core", f"{r['augmentation_per_core_images_per_s']:,.0f} img/s"),
             ("  the same, cutout by albumentations' CoarseDropout", f"{r['coarse_dropout_per_core_images_per_s']:,.0f} img/s"),
             ("  speedup of the cheap cutout", f"{r['cutout_speedup_per_core']:.2f}x"),
