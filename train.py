@@ -145,9 +145,9 @@ def build_parser(recipe="default"):
     out.add_argument("--overwrite", action="store_true",
                      help="replace the files of another run found in --out-dir (refused without it)")
     out.add_argument("--resume", metavar="PATH", default=None,
-                     help=f"continue the run saved in this {LAST_NAME}: the recipe comes from it, the "
-                          "machine's flags (--device, --precision, --workers, ...) and the number of processes from the "
-                          "command line")
+                     help=f"continue the run saved in this {LAST_NAME}: the recipe comes from it (--data-dir and "
+                          "--no-download keep its values unless given), the machine's flags (--device, --precision, "
+                          "--workers, ...) and the number of processes from the command line")
     parser.set_defaults(**engine.RECIPES[recipe], recipe=recipe)
     if recipe == "seed":
         parser.set_defaults(**engine.SEED_MACHINE)
