@@ -1,4 +1,5 @@
-"""CIFAR data: loading from CIFAR's on-disk format, its constants, and albumentations augmentation.
+"""CIFAR data: loading from CIFAR's on-disk format, its constants, albumentations augmentation, and the
+training loader (workers, seeded batches, shared memory).
 
     from augment import load_dataset, train_transform, AugmentedImages, SeededBatchSampler
     data = load_dataset("cifar10", "./data", download=True)   # uint8 NHWC arrays + class names
@@ -14,10 +15,12 @@ seed and AugmentedImages re-seeds the transform with it. So every DataLoader wor
 the same augmentations), the same --seed gives the same augmentations whatever the worker count, and a
 resumed run draws what an uninterrupted one would have drawn.
 """
+import contextlib
 import hashlib
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -30,6 +33,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402 - after the variable above
 import cv2  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
+
+import devices  # noqa: E402
+import distributed  # noqa: E402
+from cli import note  # noqa: E402
 
 # Per-channel statistics of the training images, in [0, 1] (airbench; the often-copied
 # CIFAR-10 std (0.2023, 0.1994, 0.2010) is wrong).
@@ -373,3 +380,61 @@ def normalize(images, mean, std):
     mean = torch.as_tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.as_tensor(std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
+
+
+# ----------------------------------------------------------------------------- the training loader
+
+def default_workers(processes_on_this_machine=1):
+    """The cores this process may use, less one for itself (it feeds the GPU: copies, kernel launches,
+    the loss's sync), at most 16. Augmentation costs about 30 us per image per core (benchmark.py, on a
+    2-core EPYC): 40,000 images/s take about two workers. Under torchrun the machine's cores are shared
+    by its processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores // processes_on_this_machine - 1))
+
+
+def ignore_stop_signals_in_worker(_worker_id):
+    # Ctrl-C (and a cluster's SIGTERM) reach the whole process group: only the main process decides how
+    # to stop; workers end with it (DataLoader shuts them down, and they exit when their parent is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(loader):
+    """End the loader's worker processes now. An error that leaves the program keeps the loader's iterator
+    alive in its traceback, and the workers ignore SIGTERM (above), so multiprocessing's exit handler,
+    which terminates and then joins them, would wait forever. DataLoader has no public call for this."""
+    iterator = getattr(loader, "_iterator", None)
+    with contextlib.suppress(Exception):
+        iterator._shutdown_workers()
+
+
+def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None, start_method=None,
+                      world=distributed.World()):
+    """The augmenting DataLoader and its sampler (call sampler.set_epoch before each epoch): this rank's
+    slice of each global batch of --batch-size images.
+
+    start_method: how workers start (default: the platform's; see devices.worker_start_method).
+    """
+    start_method = start_method or devices.worker_start_method()
+    shared = workers > 0 and devices.dataset_in_shared_memory(start_method)
+    # Measured before the dataset moves into shared memory, which takes its own part of /dev/shm; the
+    # processes of this machine share what is free.
+    pixel_bytes = 1 if normalize_std is None else 4  # uint8, or float32 normalized in the workers
+    batch_bytes = world.per_rank(args.batch_size) * (images[0].size * pixel_bytes + labels[:1].nbytes)
+    free = devices.free_shared_memory()  # None where there is no /dev/shm to count (macOS, Windows)
+    prefetch = devices.fit_prefetch(None if free is None else free // world.local_size, workers, batch_bytes,
+                                    dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
+    dataset = AugmentedImages(images, labels, train_transform(
+        mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),
+        shared=shared)
+    sampler = SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed, rank=world.rank,
+                                         world_size=world.size)
+    if 0 < prefetch < 4 and workers:
+        note(f"/dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=devices.pin_memory(device.type),
+        persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
+        multiprocessing_context=start_method if workers > 0 else None)
+    return loader, sampler

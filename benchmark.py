@@ -23,14 +23,15 @@ import torch
 import augment
 import cli
 import devices
-import engine
+import distributed
 import files
+import loop
 from resnet import resnet18
 
 import albumentations as A  # noqa: E402 - after augment, which stops it asking PyPI for updates on import
 
 # The seed project's loop: batch 64, fp32, NCHW, 4 workers; the baseline of the speedup.
-SEED_SETTINGS = {"batch_size": engine.RECIPES["seed"]["batch_size"], **engine.SEED_MACHINE, "workers": 4,
+SEED_SETTINGS = {"batch_size": loop.RECIPES["seed"]["batch_size"], **loop.SEED_MACHINE, "workers": 4,
                  "compile": False}
 
 
@@ -44,7 +45,7 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
     parser.add_argument("--precision", choices=devices.PRECISIONS, default="auto",
                         help=f"autocast precision; {devices.PRECISION_HELP} (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=engine.RECIPES["default"]["batch_size"],
+    parser.add_argument("--batch-size", type=int, default=loop.RECIPES["default"]["batch_size"],
                         help="images per step; under torchrun the global batch (default: %(default)s)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep the NCHW memory format")
@@ -74,8 +75,8 @@ def check_args(args, world):
 
 
 def run_args(args, **changes):
-    """What the engine reads: the default recipe, this command line's machine settings, 2 epochs."""
-    settings = dict(engine.RECIPES["default"], epochs=2, sync_bn=False)
+    """What the loop reads: the default recipe, this command line's machine settings, 2 epochs."""
+    settings = dict(loop.RECIPES["default"], epochs=2, sync_bn=False)
     settings.update(vars(args), **changes)
     return argparse.Namespace(**settings)
 
@@ -97,7 +98,7 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
     pool = min(batches, 100)
     images, labels = synthetic_images(args.batch_size * pool)
     # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
-    loader, sampler = world.together(lambda: engine.make_train_loader(
+    loader, sampler = world.together(lambda: augment.make_train_loader(
         images, labels, args, augment.CIFAR10_MEAN, device, workers,
         augment.CIFAR10_STD if normalize_in_workers else None, world=world))
     non_blocking, synchronize = devices.copy_non_blocking(loader.pin_memory), devices.synchronizer(device.type)
@@ -118,11 +119,11 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
 @contextlib.contextmanager
 def workers_stopped(loader):
     """The loader's workers end on leaving, also on an error (a GPU out of memory, Ctrl-C): the traceback
-    keeps the loader alive, and the process would never exit (engine.stop_workers says why)."""
+    keeps the loader alive, and the process would never exit (augment.stop_workers says why)."""
     try:
         yield
     finally:
-        engine.stop_workers(loader)
+        augment.stop_workers(loader)
 
 
 def augmentation_rate(args, images, cutout=None):
@@ -151,10 +152,10 @@ def measure_augmentation(args):
             "cutout_speedup_per_core": ours / baseline}
 
 
-def measure_step(args, precision, device, steps, batch, world=engine.World()):
+def measure_step(args, precision, device, steps, batch, world=distributed.World()):
     """Forward, backward and optimizer step on one batch already on the device; with a launched `world`,
     under DistributedDataParallel (each process a batch of its own)."""
-    runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
+    runner = loop.StepRunner(loop.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, steps_per_epoch=10 * steps, world=world)
     images, labels = synthetic_images(batch, seed=world.rank)
     images, labels = augment.to_tensor(images).contiguous().to(device), torch.from_numpy(labels).to(device)
@@ -185,16 +186,16 @@ def measure_all_reduce(device, steps, world):
 
 
 def measure_full_loop(args, precision, device, workers, steps, world):
-    """The real training loop (engine.train_one_epoch) over `steps` batches; the second of two epochs is timed."""
+    """The real training loop (loop.train_one_epoch) over `steps` batches; the second of two epochs is timed."""
     images, labels = synthetic_images(args.batch_size * steps)
-    loader, sampler = world.together(lambda: engine.make_train_loader(
+    loader, sampler = world.together(lambda: augment.make_train_loader(
         images, labels, args, augment.CIFAR10_MEAN, device, workers, world=world))
-    runner = engine.StepRunner(engine.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
+    runner = loop.StepRunner(loop.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, steps_per_epoch=len(loader), world=world)
-    with engine.StopFlag(world) as stop, workers_stopped(loader):
+    with loop.StopFlag(world) as stop, workers_stopped(loader):
         for epoch in (1, 2):
             sampler.set_epoch(epoch)
-            stats = engine.train_one_epoch(runner, loader, epoch, 2, stop, bar_enabled=False)
+            stats = loop.train_one_epoch(runner, loader, epoch, 2, stop, bar_enabled=False)
     return stats["images_per_s"]
 
 
@@ -224,10 +225,10 @@ def measure_all(args, device, precision, workers, world):
     pipeline_float = measure_pipeline(run, device, workers, 10 * steps, world, normalize_in_workers=True)
     augmentation = measure_augmentation(run)
     # The step with glibc's default allocator too, as the baseline of heap reuse.
-    tune_heap = device.type == "cpu" and engine.glibc() is not None
+    tune_heap = device.type == "cpu" and loop.glibc() is not None
     step_default_heap = measure_step(run, precision, device, steps, batch) if tune_heap else None
     result = {}
-    with engine.freed_memory_kept_in_heap(tune_heap) as heap_reuse:
+    with loop.freed_memory_kept_in_heap(tune_heap) as heap_reuse:
         step = measure_step(run, precision, device, steps, batch)
         if world.launched:
             result.update(distributed_rows(run, precision, device, steps, world, step))
@@ -301,16 +302,16 @@ def benchmark_table(r):
 def settle(args, world):
     """The arguments checked; this rank's device and precision."""
     check_args(args, world)
-    return engine.resolve_device(args.device, args.precision, args.compile, world)
+    return loop.resolve_device(args.device, args.precision, args.compile, world)
 
 
 def benchmark(read_command_line, world):
-    with engine.processes(world) as world:
+    with distributed.processes(world) as world:
         args = world.together(read_command_line)  # once connected: a bad flag on one machine stops all
         device, precision = world.together(lambda: settle(args, world))  # a failure on one machine stops all
-        world = engine.on_device(world, device, precision)
-        workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
-        with engine.process_settings(device, args.deterministic):
+        world = distributed.on_device(world, device, precision)
+        workers = augment.default_workers(world.local_size) if args.workers is None else args.workers
+        with loop.process_settings(device, args.deterministic):
             result = measure_all(args, device, precision, workers, world)
     if world.main:
         print(benchmark_table(result))
@@ -325,14 +326,14 @@ def benchmark(read_command_line, world):
 
 
 def main(argv=None):
-    world = engine.world_from_environment()
+    world = distributed.world_from_environment()
     try:
-        with engine.quiet_unless(world.main):
+        with distributed.quiet_unless(world.main):
             return benchmark(lambda: build_parser().parse_args(argv), world)
-    except (UsageError, devices.DeviceError, engine.ElsewhereFailed) as error:
+    except (UsageError, devices.DeviceError, distributed.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
-        engine.report_error(world, "benchmark.py", error, f"error: {error}",
-                            (UsageError, engine.ElsewhereFailed, engine.DevicesDiffer))
+        distributed.report_error(world, "benchmark.py", error, f"error: {error}",
+                            (UsageError, distributed.ElsewhereFailed, distributed.DevicesDiffer))
         return 2
 
 

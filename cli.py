@@ -56,3 +56,7 @@ def run_quietly_into_a_closed_pipe(work):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)

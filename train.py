@@ -28,10 +28,12 @@ import torch
 import augment
 import cli
 import devices
-import engine
+import distributed
 import files
+import loop
 import runfiles
-from engine import Diverged, Stopped, note
+from cli import note
+from loop import Diverged, Stopped
 from resnet import CheckpointError, read_checkpoint
 from runfiles import BEST_NAME, LAST_NAME, LOG_NAME
 
@@ -58,7 +60,7 @@ EPILOG = "examples:\n" + __doc__.split("\n\n")[1]
 def parse_args(argv=None):
     """The command line, with the defaults of the --recipe it names."""
     recipe_only = cli.Parser(prog=os.path.basename(__file__), add_help=False, raises=UsageError)
-    recipe_only.add_argument("--recipe", choices=sorted(engine.RECIPES), default="default")
+    recipe_only.add_argument("--recipe", choices=sorted(loop.RECIPES), default="default")
     recipe = recipe_only.parse_known_args(argv)[0].recipe
     return build_parser(recipe).parse_args(argv)
 
@@ -66,7 +68,7 @@ def parse_args(argv=None):
 def build_parser(recipe="default"):
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter, raises=UsageError)
-    parser.add_argument("--recipe", choices=sorted(engine.RECIPES), default="default",
+    parser.add_argument("--recipe", choices=sorted(loop.RECIPES), default="default",
                         help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as "
                              "published) or seed (the project this started from, with a validation split); "
                              "flags given beside it override it; README.md, The recipe (default: %(default)s)")
@@ -108,7 +110,7 @@ def build_parser(recipe="default"):
     opt.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
     opt.add_argument("--weight-decay", type=float, help="L2 weight decay (default: %(default)s)")
     opt.add_argument("--label-smoothing", type=float, help="label smoothing (default: %(default)s)")
-    opt.add_argument("--schedule", choices=(*engine.ONE_CYCLE_SHAPES, "plateau"),
+    opt.add_argument("--schedule", choices=(*loop.ONE_CYCLE_SHAPES, "plateau"),
                      help="stepped every batch: onecycle (cosine up from peak/25, cosine down: PyTorch's "
                           "OneCycleLR) or linear (straight up from peak/5, straight down: airbench's); "
                           "plateau: ReduceLROnPlateau on the validation accuracy (with --val-split) or else "
@@ -148,13 +150,13 @@ def build_parser(recipe="default"):
                      help=f"continue the run saved in this {LAST_NAME}: the recipe comes from it (--data-dir and "
                           "--no-download keep its values unless given), the machine's flags (--device, --precision, "
                           "--workers, ...) and the number of processes from the command line")
-    parser.set_defaults(**engine.RECIPES[recipe], recipe=recipe)
+    parser.set_defaults(**loop.RECIPES[recipe], recipe=recipe)
     if recipe == "seed":
-        parser.set_defaults(**engine.SEED_MACHINE)
+        parser.set_defaults(**loop.SEED_MACHINE)
     return parser
 
 
-def check_args(args, world=engine.World()):
+def check_args(args, world=distributed.World()):
     """Raise UsageError for values no run can use (with `world`'s processes)."""
     positive = {"epochs": args.epochs, "batch-size": args.batch_size}
     for name, value in positive.items():
@@ -197,15 +199,15 @@ def batch_not_divisible(args, processes):
 
 # ----------------------------------------------------------------------------- device
 
-def resolve_device(args, world=engine.World()):
+def resolve_device(args, world=distributed.World()):
     """The device (under torchrun: this rank's GPU) and the precision it runs."""
-    device, precision = engine.resolve_device(args.device, args.precision, args.compile, world)
+    device, precision = loop.resolve_device(args.device, args.precision, args.compile, world)
     if args.sync_bn and device.type != "cuda":
         # A DeviceError: with --device auto, a machine whose CUDA is missing meets it alone.
         raise devices.DeviceError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} "
                                   f"implementation); leave it out")
     if args.sync_bn and not world.launched:
-        engine.note("--sync-bn has no effect in a single process")
+        cli.note("--sync-bn has no effect in a single process")
     if args.sync_bn and args.compile:
         print("warning: --sync-bn with --compile is slow: torch.compile cannot trace SyncBatchNorm (pytorch/pytorch"
               "#161302) and breaks each step at ResNet18's 20 BatchNorm layers, with a CPU-GPU sync at each; "
@@ -215,7 +217,7 @@ def resolve_device(args, world=engine.World()):
 
 # ----------------------------------------------------------------------------- data
 
-def split_data(data, args, world=engine.World()):
+def split_data(data, args, world=distributed.World()):
     """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
     images, labels = data.train_images, data.train_labels
     if args.train_subset > len(images):
@@ -311,7 +313,7 @@ def args_for_resume(args, given):
     merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS if k in MACHINE_FLAGS or k in given or k not in merged})
     if merged.get("recipe") == "seed":
         # Its machine settings (fp32, NCHW) are part of the seed's setup: the run goes on with them unless given.
-        merged.update({k: v for k, v in engine.SEED_MACHINE.items() if k not in given})
+        merged.update({k: v for k, v in loop.SEED_MACHINE.items() if k not in given})
     for name, default in vars(build_parser().parse_args([])).items():
         merged.setdefault(name, default)  # flags newer than the checkpoint
     if args.out_dir is None:
@@ -331,11 +333,11 @@ def epoch_line(record, epochs, has_val):
 
 # ----------------------------------------------------------------------------- the run
 
-def train(read_command_line, world=engine.World()):
+def train(read_command_line, world=distributed.World()):
     """The whole run: data, model, epochs, files. `read_command_line()`: the arguments and the flags the
     command line set (flags_given); `world`: the processes of a torchrun launch (one without it). Returns
     the exit code."""
-    with engine.processes(world) as world:
+    with distributed.processes(world) as world:
         # Read once connected: a bad flag on one machine stops every process, not that machine's alone.
         args, given = world.together(read_command_line)
         # Every input is checked before anything is created: a bad dataset leaves no folder and no lock
@@ -344,7 +346,7 @@ def train(read_command_line, world=engine.World()):
         # process downloads the data while the others wait.
         args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
         check_same_settings(world, args, checkpoint)  # before a download: --dataset may differ
-        world = engine.on_device(world, device, precision)
+        world = distributed.on_device(world, device, precision)
         world.together(lambda: check_new_run(args, checkpoint), here=world.main)
         data = load_data(args, world)
         check_same_data(world, data, checkpoint)  # then every rank decides alike below
@@ -356,11 +358,11 @@ def train(read_command_line, world=engine.World()):
         parts = split_data(data, args, world)
         # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
         # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
-        heap = engine.freed_memory_kept_in_heap(device.type == "cpu")
+        heap = loop.freed_memory_kept_in_heap(device.type == "cpu")
         with contextlib.ExitStack() as stack:
             world.together(lambda: stack.enter_context(own_out_dir(args.out_dir)), here=world.main)
-            stop = stack.enter_context(engine.StopFlag(world))
-            stack.enter_context(engine.process_settings(device, args.deterministic))
+            stop = stack.enter_context(loop.StopFlag(world))
+            stack.enter_context(loop.process_settings(device, args.deterministic))
             heap_reuse = stack.enter_context(heap)
             Run(args, data, parts, checkpoint, device, precision, heap_reuse, world).run(stop)
     return 0
@@ -374,7 +376,7 @@ def settle(args, given, world):
         args, checkpoint = args_for_resume(args, given)
     check_args(args, world)
     # The peak lr as a number in log.json and the checkpoint: "default" names other values in other versions.
-    args.lr = engine.derived_lr(args)
+    args.lr = loop.derived_lr(args)
     device, precision = resolve_device(args, world)
     args.out_dir = args.out_dir or "."
     args.data_dir = os.path.abspath(args.data_dir)  # saved in the checkpoint: a resume from any folder finds it
@@ -451,22 +453,22 @@ def own_out_dir(out_dir):
 class Run:
     """The state of one training run and its two jobs: run an epoch, save what it produced."""
 
-    def __init__(self, args, data, parts, checkpoint, device, precision, heap_reuse, world=engine.World()):
+    def __init__(self, args, data, parts, checkpoint, device, precision, heap_reuse, world=distributed.World()):
         """parts: split_data's (train, val)."""
         torch.manual_seed(args.seed)
         (train_images, train_labels), val = parts
         test_images, test_labels = test_data(data, args)
         self.num_classes = len(data.classes)
-        workers = engine.default_workers(world.local_size) if args.workers is None else args.workers
+        workers = augment.default_workers(world.local_size) if args.workers is None else args.workers
         if device.type == "cpu" and args.epochs * len(train_images) > 100_000:
             print(f"warning: training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
                   f"take hours; use a GPU, or --train-subset and --epochs for a quick run", file=sys.stderr)
         self.args, self.data, self.device, self.world = args, data, device, world
         # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
-        self.loader, self.sampler = world.together(lambda: engine.make_train_loader(
+        self.loader, self.sampler = world.together(lambda: augment.make_train_loader(
             train_images, train_labels, args, data.mean, device, workers, world=world))
-        model = engine.build_model(self.num_classes, args, device)
-        self.runner = engine.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
+        model = loop.build_model(self.num_classes, args, device)
+        self.runner = loop.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
         self.history, self.best, self.last_confusion = [], None, None
         if checkpoint is not None:  # a checkpoint that does not fit fails everywhere alike, or stops the rest
             world.together(lambda: runfiles.restore_checkpoint(self.runner, checkpoint))
@@ -500,14 +502,14 @@ class Run:
         self.sampler.set_epoch(epoch)
         start = time.perf_counter()
         record = {"epoch": epoch, "lr": runner.lr()}
-        bar = engine.show_progress(self.world)
-        record.update(engine.train_one_epoch(runner, self.loader, epoch, args.epochs, stop, bar))
+        bar = loop.show_progress(self.world)
+        record.update(loop.train_one_epoch(runner, self.loader, epoch, args.epochs, stop, bar))
         # Evaluation batches: each process's share of a training batch (the memory it has).
         batch = self.world.per_rank(args.batch_size)
         if self.val is not None:
-            val = engine.evaluate(runner, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
+            val = loop.evaluate(runner, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        test = engine.evaluate(runner, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
+        test = loop.evaluate(runner, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
         record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
         if args.schedule == "plateau":
             runner.scheduler.step(record["val_acc"] if self.val is not None else record["train_loss"])
@@ -584,7 +586,7 @@ class Run:
             # the lock goes, or a next run could take the folder while a file is half-written.
             with contextlib.suppress(Exception):
                 self.writer.wait()
-            engine.stop_workers(self.loader)
+            augment.stop_workers(self.loader)
             raise
         if stop.signal is not None:
             print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
@@ -596,16 +598,16 @@ class Run:
 
 
 # Errors that every rank meets at the same point (the same arguments, a shared decision): said once a machine.
-SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, engine.ElsewhereFailed, engine.DevicesDiffer)
+SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, distributed.ElsewhereFailed, distributed.DevicesDiffer)
 
 
 def main(argv=None):
-    world = engine.world_from_environment()
+    world = distributed.world_from_environment()
     try:
-        with engine.quiet_unless(world.main):
+        with distributed.quiet_unless(world.main):
             return train(lambda: (parse_args(argv), flags_given(argv)), world)
     except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse,
-            engine.ElsewhereFailed) as error:
+            distributed.ElsewhereFailed) as error:
         return report(world, error, "error: ", 2)
     except Diverged as error:
         return report(world, error, "stopped: ", 1)
@@ -618,8 +620,8 @@ def main(argv=None):
 
 
 def report(world, error, kind, code):
-    """One line on stderr (engine.report_error); returns the exit code."""
-    engine.report_error(world, "train.py", error, f"{kind}{error}", SAID_ONCE_A_MACHINE)
+    """One line on stderr (distributed.report_error); returns the exit code."""
+    distributed.report_error(world, "train.py", error, f"{kind}{error}", SAID_ONCE_A_MACHINE)
     return code
 
 

@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import engine  # noqa: E402
+import loop  # noqa: E402
 import train  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def pause_before_replacing(name):
 
 def wait_after_first_step(epoch):
     """In that epoch, the loop's second stop check (after the first step) waits for a signal first."""
-    train_one_epoch = engine.train_one_epoch
+    train_one_epoch = loop.train_one_epoch
 
     def paused_epoch(runner, loader, this_epoch, epochs, stop, bar_enabled):
         if this_epoch == epoch:
@@ -54,7 +54,7 @@ def wait_after_first_step(epoch):
                 return requested()
             stop.requested = requested_after_a_wait
         return train_one_epoch(runner, loader, this_epoch, epochs, stop, bar_enabled)
-    engine.train_one_epoch = paused_epoch
+    loop.train_one_epoch = paused_epoch
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import benchmark
-import engine
+import loop
 
 from helpers import HERE, process_settings, run_main
 
@@ -33,8 +33,8 @@ def mmapped_bytes_of_a_tensor(libc, size):
 
 
 def test_heap_reuse_holds_inside_the_run_only():
-    libc = engine.glibc()
-    with engine.freed_memory_kept_in_heap(True) as applied:
+    libc = loop.glibc()
+    with loop.freed_memory_kept_in_heap(True) as applied:
         assert applied == (libc is not None) == (platform.libc_ver()[0] == "glibc")
         inside = mmapped_bytes_of_a_tensor(libc, 2**26) if applied else None  # 64 MiB: glibc's default mmaps it
     if applied:
@@ -42,7 +42,7 @@ def test_heap_reuse_holds_inside_the_run_only():
         # glibc's defaults are back. 1 GiB: a smaller block may fit a free chunk that earlier tests left in the
         # heap (malloc serves those before it maps), and no run of these tests frees one that large.
         assert mmapped_bytes_of_a_tensor(libc, 2**30) >= 2**30
-    with engine.freed_memory_kept_in_heap(False) as applied:
+    with loop.freed_memory_kept_in_heap(False) as applied:
         assert not applied
 
 
@@ -56,11 +56,11 @@ def test_benchmark_bad_input(tmp_path, capsys):
 
 
 FAILING_BENCHMARK = """
-import sys, benchmark, engine
+import sys, benchmark, loop
 def failing_epoch(runner, loader, *args, **kwargs):
     next(iter(loader))  # the loader's workers are running
     raise RuntimeError("CUDA out of memory (raised by the test)")
-engine.train_one_epoch = failing_epoch
+loop.train_one_epoch = failing_epoch
 sys.exit(benchmark.main(sys.argv[1:]))
 """
 

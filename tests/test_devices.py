@@ -11,14 +11,15 @@ import torch
 
 import augment
 import devices
-import engine
+import distributed
 import gradcam
+import loop
 import resnet
 import runfiles
 import train
 
-from helpers import (CLASSES, HERE, coloured_images, error_lines, fp16_args, interrupt_after_epoch, process_settings, run_main,
-                     save_test_images, tiny_args)
+from helpers import (CLASSES, HERE, coloured_images, error_lines, fp16_args, interrupt_after_epoch,
+                     process_settings, run_main, save_test_images, tiny_args)
 
 
 @pytest.mark.parametrize("capability, expected", [
@@ -84,16 +85,16 @@ def test_the_nvidia_driver_version_is_read_where_a_gpu_is(tmp_path, monkeypatch)
 def test_default_workers_leave_a_core_to_the_training_process(monkeypatch):
     for cores, processes, workers in [(2, 1, 1), (1, 1, 1), (16, 1, 15), (64, 1, 16), (16, 8, 1), (96, 8, 11)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cores=cores: set(range(cores)), raising=False)
-        assert engine.default_workers(processes) == workers, (cores, processes)
+        assert augment.default_workers(processes) == workers, (cores, processes)
 
 
 def test_sync_bn_with_compile_warns_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(engine, "resolve_device", lambda *a: (torch.device("cuda", 0), "bf16"))
+    monkeypatch.setattr(loop, "resolve_device", lambda *a: (torch.device("cuda", 0), "bf16"))
     args = argparse.Namespace(device="cuda", precision="auto", compile=True, sync_bn=True)
-    train.resolve_device(args, engine.World(launched=True, size=2, local_size=2))
+    train.resolve_device(args, distributed.World(launched=True, size=2, local_size=2))
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--sync-bn with --compile" in err
-    train.resolve_device(argparse.Namespace(**dict(vars(args), compile=False)), engine.World(launched=True, size=2))
+    train.resolve_device(argparse.Namespace(**dict(vars(args), compile=False)), distributed.World(launched=True, size=2))
     assert capsys.readouterr().err == ""
 
 
@@ -175,7 +176,7 @@ def test_checkpoint_of_a_gpu_run_holds_cpu_tensors(monkeypatch):
         model = resnet.resnet18()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
         model = model.to_empty(device="cuda")
-        runner = engine.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
+        runner = loop.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=10)
         for parameter in model.parameters():  # what SGD's first step creates
             runner.optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
@@ -229,7 +230,7 @@ def test_gpu_clocks_and_copies_by_device():
     assert devices.copy_non_blocking(True) and not devices.copy_non_blocking(False)
     images, labels = coloured_images(64, 0)
     args = train.build_parser().parse_args(["--batch-size", "32"])
-    loader, _ = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("mps"), 0)
+    loader, _ = augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("mps"), 0)
     assert not loader.pin_memory
 
 
@@ -312,9 +313,9 @@ def test_model_inputs_have_one_layout_whatever_the_source():
     images = augment.to_tensor(coloured_images(10, 0)[0])
     for channels_last in (True, False):
         args = train.build_parser().parse_args([] if channels_last else ["--no-channels-last"])
-        runner = engine.StepRunner(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
+        runner = loop.StepRunner(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=1)
-        assert runner.inputs(images[:8]).stride() == runner.inputs(engine.padded(images[8:], 8)).stride()
+        assert runner.inputs(images[:8]).stride() == runner.inputs(loop.padded(images[8:], 8)).stride()
 
 
 @pytest.mark.parametrize("free_mb, workers, expected", [
@@ -334,8 +335,8 @@ def test_a_machine_without_dev_shm_gets_a_loader(monkeypatch):
     monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": None)
     images, labels = coloured_images(64, 0)
     args = train.build_parser().parse_args(["--batch-size", "32"])
-    loader, _ = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 0,
-                                         world=engine.World(size=2, local_size=2))
+    loader, _ = augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 0,
+                                         world=distributed.World(size=2, local_size=2))
     assert len(loader) == 2
 
 
@@ -345,9 +346,9 @@ def test_too_little_shared_memory_is_one_line(data_dir, tmp_path, monkeypatch, c
     images, labels = coloured_images(64, 0)
     args = train.build_parser().parse_args(["--batch-size", "32"])
     monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 2 * 2 * 32 * 3080)  # 2 uint8 batches in half
-    engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1)  # uint8 fits
+    augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1)  # uint8 fits
     with pytest.raises(devices.DeviceError):  # float32 batches, 4x the bytes, do not
-        engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1,
+        augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"), 1,
                                 normalize_std=augment.CIFAR10_STD)
     monkeypatch.setattr(devices, "free_shared_memory", lambda path="/dev/shm": 100_000)
     capsys.readouterr()
@@ -364,7 +365,7 @@ def test_spawned_workers_share_the_dataset_and_draw_the_same_batches():
     args = train.build_parser().parse_args(["--batch-size", "32"])
     batches = {}
     for workers, method in ((0, None), (2, "spawn")):
-        loader, sampler = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"),
+        loader, sampler = augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("cpu"),
                                                   workers, start_method=method)
         sampler.set_epoch(1)
         batches[method] = [(x, y) for x, y in loader]
@@ -403,14 +404,14 @@ def test_cuda_failing_at_start_up_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices, "read_facts", broken_driver)
     with pytest.raises(devices.DeviceError, match=r"^--device cuda: the device cannot be used \(RuntimeError\); check"):
-        engine.resolve_device("cuda", "auto", False)
+        loop.resolve_device("cuda", "auto", False)
 
 
 def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path):
     # Optimizer.load_state_dict takes every group setting from the checkpoint: a CPU run resumed on a
     # GPU would lose fused SGD (and the fp16 scaler's sync-free step) without care.
     args = train.parse_args(tiny_args(data_dir, tmp_path))
-    runner = engine.StepRunner(engine.build_model(10, args, torch.device("cpu")), args, "bf16", torch.device("cpu"),
+    runner = loop.StepRunner(loop.build_model(10, args, torch.device("cpu")), args, "bf16", torch.device("cpu"),
                                augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2)
     data = augment.load_dataset("cifar10", data_dir, download=False)
     checkpoint = runfiles.build_checkpoint(runner, args, data, 1, [], None)
@@ -425,7 +426,7 @@ def test_resume_puts_momentum_buffers_in_the_parameters_layout(data_dir, tmp_pat
     # buffers, and CUDA's fused SGD refuses a step whose buffers' strides differ from the parameters'.
     def runner(*flags):
         args = train.parse_args(tiny_args(data_dir, tmp_path, *flags))
-        return engine.StepRunner(engine.build_model(10, args, torch.device("cpu")), args, "fp32",
+        return loop.StepRunner(loop.build_model(10, args, torch.device("cpu")), args, "fp32",
                                  torch.device("cpu"), augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2), args
     (saved, args), (resumed, _) = runner("--no-channels-last"), runner()
     images, labels = coloured_images(8, 0)

@@ -11,8 +11,9 @@ import torch
 
 import augment
 import devices
-import engine
+import distributed
 import files
+import loop
 import plot_curves
 import train
 
@@ -227,8 +228,8 @@ def test_too_few_training_images_for_the_processes_is_one_line(data_dir):
     data = augment.load_dataset("cifar10", data_dir, download=False)
     args = train.build_parser().parse_args(["--train-subset", "4"])
     with pytest.raises(train.UsageError, match="4 training images cannot be shared among 8 processes"):
-        train.split_data(data, args, engine.World(size=8, local_size=8, launched=True))
-    assert len(train.split_data(data, args, engine.World(size=4, local_size=4, launched=True))[0][0]) == 4
+        train.split_data(data, args, distributed.World(size=8, local_size=8, launched=True))
+    assert len(train.split_data(data, args, distributed.World(size=4, local_size=4, launched=True))[0][0]) == 4
 
 
 def test_subsets_and_dropped_images_are_said(data_dir, tmp_path, capsys):
@@ -254,7 +255,7 @@ def test_balanced_subset_is_fixed_and_even():
 
 
 def test_evaluation_shows_a_progress_bar_at_a_terminal(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "show_progress", lambda world=None: True)
+    monkeypatch.setattr(loop, "show_progress", lambda world=None: True)
     assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0
     assert "epoch 1 test" in capsys.readouterr().err
 

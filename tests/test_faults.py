@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-import engine
 import files
 import gradcam
+import loop
 import resnet
 import train
 
-from helpers import (HERE, PAUSED_TRAIN, assert_files_consistent, env_with_pauses, error_lines, run_main, save_test_images,
-                     tiny_args)
+from helpers import (HERE, PAUSED_TRAIN, assert_files_consistent, env_with_pauses, error_lines, run_main,
+                     save_test_images, tiny_args)
 
 
 def start_training(argv, pause_in_write=None, wait_in_epoch=None):
@@ -85,7 +85,7 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
     # Say the GPU runs out of memory in epoch 2's evaluation while epoch 1's files are being written:
     # the error must not release the folder's lock before those files are complete.
     failed = threading.Event()
-    evaluate = engine.evaluate
+    evaluate = loop.evaluate
 
     def out_of_memory_in_epoch_2(runner, *args, **kwargs):
         if runner.scheduler.last_epoch > 2:
@@ -93,7 +93,7 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
             raise RuntimeError("CUDA out of memory (simulated)")
         return evaluate(runner, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", out_of_memory_in_epoch_2)
+    monkeypatch.setattr(loop, "evaluate", out_of_memory_in_epoch_2)
     waited = []  # whether each write waited for the failure (not for the timeout)
     atomic_write = files.atomic_write
 
@@ -112,14 +112,14 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
 def test_a_stop_after_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypatch, capsys):
     # Ctrl-C during the last epoch's evaluation: no step is left to stop after, so the run finishes,
     # saves, says so, and exits 0; the message printed at the signal said this would happen.
-    evaluate = engine.evaluate
+    evaluate = loop.evaluate
 
     def interrupted_evaluation(runner, *args, **kwargs):
         if runner.scheduler.last_epoch == runner.scheduler.total_steps:  # after the last step
             os.kill(os.getpid(), signal.SIGINT)
         return evaluate(runner, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", interrupted_evaluation)
+    monkeypatch.setattr(loop, "evaluate", interrupted_evaluation)
     assert train.main(tiny_args(data_dir, tmp_path)) == 0
     out, err = capsys.readouterr()
     assert "once the last step is done, the run finishes" in err
@@ -150,7 +150,7 @@ def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, m
     # Every file write waits (inside the write) until epoch 2 has started training: a write on the
     # training path would wait in vain. The kill and full-disk tests above show the guarantees hold.
     second_epoch_started = threading.Event()
-    train_one_epoch = engine.train_one_epoch
+    train_one_epoch = loop.train_one_epoch
 
     def note_the_start(runner, loader, epoch, *args, **kwargs):
         if epoch == 2:
@@ -158,7 +158,7 @@ def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, m
         return train_one_epoch(runner, loader, epoch, *args, **kwargs)
 
     overlapped = []
-    monkeypatch.setattr(engine, "train_one_epoch", note_the_start)
+    monkeypatch.setattr(loop, "train_one_epoch", note_the_start)
     atomic_write = files.atomic_write
 
     def write_once_epoch_2_trains(path, data):
@@ -215,9 +215,9 @@ def test_second_run_on_the_same_folder_refuses(data_dir, tmp_path, capsys):
 def test_an_unexpected_error_with_workers_ends_the_process(data_dir, tmp_path):
     # The workers ignore SIGTERM (a stop is the main process's decision); an error that reaches the top
     # must still end them, or Python's exit would wait for them forever.
-    script = (f"import engine, train\n"
+    script = (f"import loop, train\n"
               f"def fail(*args, **kwargs): raise RuntimeError('CUDA out of memory (simulated)')\n"
-              f"engine.evaluate = fail\n"
+              f"loop.evaluate = fail\n"
               f"train.main({tiny_args(data_dir, tmp_path, '--workers', '1')!r})\n")
     process = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert process.returncode == 1 and "CUDA out of memory (simulated)" in process.stderr

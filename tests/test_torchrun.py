@@ -15,12 +15,13 @@ import torch
 import augment
 import benchmark
 import devices
-import engine
+import distributed
+import loop
 import resnet
 import train
 
-from helpers import (assert_files_consistent, coloured_images, error_lines, interrupt_after_epoch, one_cycle_lrs, run_main,
-                     tiny_args, torchrun, write_cifar_folder)
+from helpers import (assert_files_consistent, coloured_images, error_lines, interrupt_after_epoch, one_cycle_lrs,
+                     run_main, tiny_args, torchrun, write_cifar_folder)
 
 
 def ranks_waiting(processes, count, timeout=120):
@@ -92,14 +93,14 @@ def reference_evaluation(checkpoint_path, data_dir, batch_size, precision):
     in the run's precision (auto: bf16 or fp32, by the CPU)."""
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     args = argparse.Namespace(**checkpoint["args"])
-    model = engine.build_model(10, args, torch.device("cpu"))
+    model = loop.build_model(10, args, torch.device("cpu"))
     model.load_state_dict(checkpoint["model"])
-    runner = engine.StepRunner(model, args, precision, torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
+    runner = loop.StepRunner(model, args, precision, torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
     data = augment.load_dataset("cifar10", data_dir, download=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return engine.evaluate(runner, augment.to_tensor(data.test_images), torch.from_numpy(data.test_labels),
+        return loop.evaluate(runner, augment.to_tensor(data.test_images), torch.from_numpy(data.test_labels),
                                10, batch_size)
     finally:
         torch.set_num_threads(threads)
@@ -318,7 +319,7 @@ def test_each_machine_downloads_once(tmp_path, monkeypatch):
     args = train.parse_args(["--data-dir", str(tmp_path), "--device", "cpu"])
     for rank in range(4):  # two machines of two processes each
         with pytest.raises(augment.DatasetError):
-            train.load_data(args, engine.World(rank=rank, local_rank=rank % 2, size=4, local_size=2))
+            train.load_data(args, distributed.World(rank=rank, local_rank=rank % 2, size=4, local_size=2))
     assert downloads == [str(tmp_path)] * 2  # by ranks 0 and 2, the first of each machine
 
 
@@ -326,13 +327,13 @@ def test_global_batch_must_divide_among_processes(data_dir, tmp_path, capsys):
     args = train.parse_args(tiny_args(data_dir, tmp_path, "--batch-size", "32"))
     with pytest.raises(train.UsageError, match=r"--batch-size 32 is the global batch and does not divide among 3 "
                                                r"processes; give a multiple of 3 \(30 or 33\)$"):
-        train.check_args(args, engine.World(size=3, local_size=3))
-    train.check_args(args, engine.World(size=2, local_size=2))
+        train.check_args(args, distributed.World(size=3, local_size=3))
+    train.check_args(args, distributed.World(size=2, local_size=2))
     # A resumed run keeps its batch (airbench's 500, saved on one GPU, resumed on 8): the advice is the processes.
     resumed = argparse.Namespace(**dict(vars(args), batch_size=500, resume="run/last.pt"))
     with pytest.raises(train.UsageError, match=r"^run/last.pt was saved with a global batch of 500, which does not "
                                                r"divide among 8 processes; resume it on 1, 2, 4, 5 or 10 processes$"):
-        train.check_args(resumed, engine.World(size=8, local_size=8))
+        train.check_args(resumed, distributed.World(size=8, local_size=8))
     code, err = run_main(train, tiny_args(data_dir, tmp_path, "--sync-bn"), capsys)
     assert code == 2 and "--sync-bn needs CUDA GPUs" in err and len(error_lines(err)) == 1, err
 
@@ -353,7 +354,7 @@ def test_benchmark_under_torchrun_adds_the_all_reduce_and_scaling(tmp_path):
         assert label in out
 
 
-class AnotherRankDiverged(engine.World):
+class AnotherRankDiverged(distributed.World):
     """One process's view of a run in which another rank's loss became NaN at step 1."""
 
     def minimum(self, tensor):
@@ -364,43 +365,43 @@ def test_a_nan_on_another_rank_stops_this_one(data_dir, tmp_path):
     world, cpu = AnotherRankDiverged(), torch.device("cpu")
     args = train.parse_args(tiny_args(data_dir, tmp_path))
     images, labels = coloured_images(64, seed=0)
-    loader, _ = engine.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, cpu, 0, world=world)
-    runner = engine.StepRunner(engine.build_model(10, args, cpu), args, "bf16", cpu, augment.CIFAR10_MEAN,
+    loader, _ = augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, cpu, 0, world=world)
+    runner = loop.StepRunner(loop.build_model(10, args, cpu), args, "bf16", cpu, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, len(loader), world)
-    with engine.StopFlag(world) as stop, pytest.raises(engine.Diverged, match="epoch 1, step 1 of 2"):
-        engine.train_one_epoch(runner, loader, 1, 1, stop, bar_enabled=False)
+    with loop.StopFlag(world) as stop, pytest.raises(loop.Diverged, match="epoch 1, step 1 of 2"):
+        loop.train_one_epoch(runner, loader, 1, 1, stop, bar_enabled=False)
 
 
 def test_torchruns_variables_describe_the_processes():
-    assert engine.world_from_environment({}) == engine.World()  # no torchrun: one process, nothing started
-    world = engine.world_from_environment({"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16",
+    assert distributed.world_from_environment({}) == distributed.World()  # no torchrun: one process, nothing started
+    world = distributed.world_from_environment({"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16",
                                            "LOCAL_WORLD_SIZE": "8"})
     assert (world.rank, world.local_rank, world.size, world.nodes, world.main, world.launched) == \
         (11, 3, 16, 2, False, True)
     assert world.per_rank(512) == 32
     assert world.resume_command("/r/last.pt").startswith("torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
-    assert engine.World().resume_command("/r/last.pt") == "python train.py --resume /r/last.pt"
+    assert distributed.World().resume_command("/r/last.pt") == "python train.py --resume /r/last.pt"
 
 
 def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
-    # The processes connect over gloo first (engine.processes); the GPUs' NCCL group comes after the checks,
+    # The processes connect over gloo first (distributed.processes); the GPUs' NCCL group comes after the checks,
     # bound to this rank's GPU. No GPU here: torch's new_group is replaced by a recorder.
     made, compared = [], []
     monkeypatch.setattr(torch.distributed, "new_group", lambda **options: made.append(options) or "nccl group")
-    monkeypatch.setattr(engine.World, "spread", lambda self, *values: compared.append(values) or (values, values))
-    launched = engine.World(rank=1, local_rank=1, size=2, local_size=2, launched=True, backend="gloo")
-    gpu = engine.on_device(launched, torch.device("cuda", 1), "bf16")
+    monkeypatch.setattr(distributed.World, "spread", lambda self, *values: compared.append(values) or (values, values))
+    launched = distributed.World(rank=1, local_rank=1, size=2, local_size=2, launched=True, backend="gloo")
+    gpu = distributed.on_device(launched, torch.device("cuda", 1), "bf16")
     assert (gpu.backend, gpu.data) == ("nccl", "nccl group")
     assert made == [{"backend": "nccl", "device_id": torch.device("cuda", 1)}]
     assert compared == [(1, devices.PRECISIONS.index("bf16"))]  # device type and precision agreed on first
-    assert engine.on_device(launched, torch.device("cpu"), "fp32") is launched  # CPU processes: all on gloo
-    assert engine.on_device(engine.World(), torch.device("cuda", 0), "bf16") == engine.World()  # one process
+    assert distributed.on_device(launched, torch.device("cpu"), "fp32") is launched  # CPU processes: all on gloo
+    assert distributed.on_device(distributed.World(), torch.device("cuda", 0), "bf16") == distributed.World()  # one process
     with pytest.raises(devices.DeviceError, match="not on mps"):
-        engine.on_device(launched, torch.device("mps"), "fp32")
+        distributed.on_device(launched, torch.device("mps"), "fp32")
     bf16, fp16 = devices.PRECISIONS.index("bf16"), devices.PRECISIONS.index("fp16")
-    monkeypatch.setattr(engine.World, "spread", lambda self, *values: ([1, bf16], [1, fp16]))  # a T4 beside an A100
-    with pytest.raises(engine.DevicesDiffer, match=r"different devices or precisions \(bf16 on some, fp16 on others\)"):
-        engine.on_device(launched, torch.device("cuda", 1), "fp16")
+    monkeypatch.setattr(distributed.World, "spread", lambda self, *values: ([1, bf16], [1, fp16]))  # a T4 beside an A100
+    with pytest.raises(distributed.DevicesDiffer, match=r"different devices or precisions \(bf16 on some, fp16 on others\)"):
+        distributed.on_device(launched, torch.device("cuda", 1), "fp16")
     assert len(made) == 1
 
 
@@ -411,7 +412,7 @@ def test_the_model_is_wrapped_with_the_worlds_data_group():
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         group = torch.distributed.new_group(backend="gloo")
-        world = engine.World(launched=True, backend="gloo", data=group)
+        world = distributed.World(launched=True, backend="gloo", data=group)
         assert world.wrap(resnet.resnet18(10), torch.device("cpu")).process_group is group
         synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet.resnet18(10))
         with pytest.raises(ValueError, match="only work with GPU modules"):  # torch's refusal on a CPU, after...
@@ -428,7 +429,7 @@ def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         group = torch.distributed.new_group(backend="gloo")
-        world = engine.World(launched=True, backend="gloo", data=group)
+        world = distributed.World(launched=True, backend="gloo", data=group)
         used = []
         for name in ("all_reduce", "broadcast"):
             collective = getattr(torch.distributed, name)
@@ -449,17 +450,17 @@ def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
 def test_an_error_is_said_once_a_machine_and_left_for_torchruns_report(tmp_path, monkeypatch, capsys):
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
-    second_of_machine_2 = engine.World(rank=3, local_rank=1, size=4, local_size=2, launched=True)
-    first_of_machine_2 = engine.World(rank=2, local_rank=0, size=4, local_size=2, launched=True)
+    second_of_machine_2 = distributed.World(rank=3, local_rank=1, size=4, local_size=2, launched=True)
+    first_of_machine_2 = distributed.World(rank=2, local_rank=0, size=4, local_size=2, launched=True)
     shared = train.UsageError("--batch-size 6 is the global batch and does not divide among 4 processes")
-    engine.report_error(second_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_ONCE_A_MACHINE)
+    distributed.report_error(second_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == ""  # the machine's first process says it
     record = json.loads(error_file.read_text())["message"]  # where torchrun's failure report reads it
     assert record["message"] == record["extraInfo"]["py_callstack"] == f"train.py (rank 3): error: {shared}"
-    engine.report_error(first_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_ONCE_A_MACHINE)
+    distributed.report_error(first_of_machine_2, "train.py", shared, f"error: {shared}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == f"train.py (rank 2): error: {shared}\n"
     own = devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")  # this machine's alone
-    engine.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_ONCE_A_MACHINE)
+    distributed.report_error(second_of_machine_2, "train.py", own, f"error: {own}", train.SAID_ONCE_A_MACHINE)
     assert capsys.readouterr().err == f"train.py (rank 3): error: {own}\n"
 
 
@@ -469,25 +470,25 @@ def test_torchruns_root_cause_is_the_process_that_says_why(tmp_path, monkeypatch
     # noticed first), which must be rank 1's line, not rank 0's "another process failed", however late
     # rank 1 gets to say it. torch's own classes read the files; a recorder stands in for the count.
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-    monkeypatch.setattr(engine.World, "count", lambda self, flag: 1)  # one rank failed
+    monkeypatch.setattr(distributed.World, "count", lambda self, flag: 1)  # one rank failed
     clock = iter([1_800_000_100.95, 1_800_000_101.02])  # rank 1 meets its error, then rank 0 learns of it
-    monkeypatch.setattr(engine.time, "time", lambda: next(clock))
+    monkeypatch.setattr(distributed.time, "time", lambda: next(clock))
     errors = {}
 
     def fail():
         raise devices.DeviceError("--device cuda asked for, but PyTorch sees no CUDA GPU")
     for rank, here in ((1, True), (0, False)):
         with pytest.raises(Exception) as raised:
-            engine.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True).together(fail, here=here)
+            distributed.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True).together(fail, here=here)
         errors[rank] = raised.value
-    assert isinstance(errors[0], engine.ElsewhereFailed)
+    assert isinstance(errors[0], distributed.ElsewhereFailed)
     clock = iter([1_800_000_101.1, 1_800_000_103.5])  # rank 0 says its line at once, rank 1 seconds later
-    monkeypatch.setattr(engine.time, "time", lambda: next(clock))
+    monkeypatch.setattr(distributed.time, "time", lambda: next(clock))
     failures = {}
     for rank in (0, 1):  # torchrun notices rank 0 first
         monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error-{rank}.json"))
-        world = engine.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True)
-        engine.report_error(world, "train.py", errors[rank], f"error: {errors[rank]}", train.SAID_ONCE_A_MACHINE)
+        world = distributed.World(rank=rank, local_rank=rank, size=2, local_size=2, launched=True)
+        distributed.report_error(world, "train.py", errors[rank], f"error: {errors[rank]}", train.SAID_ONCE_A_MACHINE)
         failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=2,
                                         error_file=str(tmp_path / f"error-{rank}.json"))
     rank, first = ChildFailedError("train.py", failures).get_first_failure()

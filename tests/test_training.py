@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import augment
-import engine
+import loop
 import resnet
 import runfiles
 import train
@@ -149,7 +149,7 @@ def test_log_records_the_peak_lr_and_an_older_checkpoint_is_refused(data_dir, tm
 
 def test_a_recipe_in_one_word_and_flags_beside_it(trained_run):
     seed = vars(train.parse_args(["--recipe", "seed", "--lr", "0.02"]))
-    expected = dict(engine.RECIPES["seed"], lr=0.02, precision="fp32", channels_last=False, recipe="seed")
+    expected = dict(loop.RECIPES["seed"], lr=0.02, precision="fp32", channels_last=False, recipe="seed")
     assert {key: seed[key] for key in expected} == expected
     assert (seed["schedule"], seed["val_split"], seed["batch_size"], seed["cutout"]) == ("plateau", 5000, 64, 0)
     airbench = train.parse_args(["--recipe", "airbench"])  # train_resnet18_94.py's hyperparameters
@@ -159,14 +159,14 @@ def test_a_recipe_in_one_word_and_flags_beside_it(trained_run):
     default = vars(train.parse_args([]))
     # The default: airbench's settings with a batch that divides among 8 GPUs and PyTorch's cosine shape.
     assert default == dict(vars(airbench), recipe="default", batch_size=512, lr=None, schedule="onecycle")
-    assert engine.derived_lr(argparse.Namespace(lr=None, batch_size=512)) == pytest.approx(0.2 * 512 / 500)
+    assert loop.derived_lr(argparse.Namespace(lr=None, batch_size=512)) == pytest.approx(0.2 * 512 / 500)
     assert json.loads((trained_run / "log.json").read_text())["args"]["recipe"] == "default"
 
 
 def schedule_lrs(argv, steps):
     """The lr of each step under train.py's parsed command line."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = engine.make_scheduler(optimizer, train.parse_args(argv), steps_per_epoch=steps // 10)
+    scheduler = loop.make_scheduler(optimizer, train.parse_args(argv), steps_per_epoch=steps // 10)
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -194,12 +194,12 @@ def test_a_warmup_of_one_step_or_less_starts_at_the_peak(capsys):
         for epochs in ("5", "2"):  # one step, and less than one
             args = train.parse_args(["--epochs", epochs, "--lr", "0.2", "--warmup", "0.2", "--schedule", shape])
             optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            engine.make_scheduler(optimizer, args, steps_per_epoch=1)
+            loop.make_scheduler(optimizer, args, steps_per_epoch=1)
             assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2, rel=0.01), (shape, epochs)
             assert "is one step or less: the run starts at the peak lr" in capsys.readouterr().err
     args = train.parse_args(["--epochs", "1", "--warmup", "0.2"])
-    engine.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=1)
+    loop.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=1)
     assert "the run's one step is its schedule's last, at nearly 0" in capsys.readouterr().err
     args = train.parse_args(["--epochs", "5", "--warmup", "0.2"])
-    engine.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=2)
+    loop.make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), args, steps_per_epoch=2)
     assert capsys.readouterr().err == ""  # two steps of warm-up: climbs as asked, nothing to say

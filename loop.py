@@ -1,17 +1,12 @@
-"""The training engine that train.py and benchmark.py share: the recipe's defaults, the data loader, the
-optimisation step, one epoch, evaluation, and the processes of a torchrun launch. It defines things and
-does nothing on import.
+"""The training loop that train.py and benchmark.py share: the recipes, the model, optimiser and schedule,
+the optimisation step, one epoch, evaluation, and stopping on a signal. It defines things and does
+nothing on import.
 
-    world = engine.world_from_environment()          # one process, or torchrun's RANK/WORLD_SIZE
-    runner = engine.StepRunner(model, args, precision, device, mean, std, steps_per_epoch, world)
-    engine.train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled=True)
+    runner = loop.StepRunner(model, args, precision, device, mean, std, steps_per_epoch, world)
+    loop.train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled=True)
 """
 import contextlib
 import ctypes
-import dataclasses
-import inspect
-import json
-import os
 import platform
 import re
 import signal
@@ -24,7 +19,8 @@ import torch.nn as nn
 
 import augment
 import devices
-import files
+import distributed
+from cli import note
 from resnet import resnet18
 
 # The recipes that --recipe names. "airbench": the settings of airbench's ResNet-18 baseline as published
@@ -37,9 +33,15 @@ RECIPES = {
                  "label_smoothing": 0.0, "schedule": "linear", "warmup": 0.2, "plateau_patience": 5,
                  "pad_crop": 4, "flip": True, "cutout": 12, "val_split": 0},
 }
+
+
 RECIPES["default"] = dict(RECIPES["airbench"], batch_size=512, lr=None, schedule="onecycle")
+
+
 RECIPES["seed"] = dict(RECIPES["default"], batch_size=64, lr=0.01, nesterov=False, weight_decay=0.0,
                        label_smoothing=0.0, schedule="plateau", pad_crop=0, cutout=0, val_split=5000)
+
+
 # What the seed project ran on besides its recipe (machine settings: not part of a recipe).
 SEED_MACHINE = {"precision": "fp32", "channels_last": False}
 
@@ -52,281 +54,12 @@ class Stopped(Exception):
     """SIGINT or SIGTERM arrived; the run stopped at a step boundary."""
 
 
-class ElsewhereFailed(Exception):
-    """Another process of the run failed (and said why); this one stops too."""
-
-
-def note(message):
-    print(f"note: {message}", file=sys.stderr)
-
-
 def derived_lr(args):
     """Peak lr: the given one, or airbench's 0.2 per 500 images scaled with the batch (0.2048 at 512)."""
     return args.lr if args.lr is not None else 0.2 * args.batch_size / 500
 
 
-# ----------------------------------------------------------------------------- the processes of a run
-
-@dataclasses.dataclass
-class World:
-    """The processes of one run: a single one, or those torchrun started (RANK, LOCAL_RANK, WORLD_SIZE).
-
-    Everything that differs between ranks is here, so that the loop reads like a single process's:
-    `main` writes files and prints, the batch and the evaluation are split by `rank`, and the few
-    decisions that must be the same everywhere (stop, diverged, failed) go through `any`.
-    """
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-    local_size: int = 1
-    launched: bool = False  # by torchrun: the process group is (to be) started
-    backend: str = None  # of the collectives on the device's tensors: nccl between GPUs (from on_device), gloo
-    data: object = None  # their group: NCCL's own between GPUs; None (the default, gloo) between CPUs
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    @property
-    def nodes(self):
-        return max(1, self.size // self.local_size)
-
-    def per_rank(self, batch_size):
-        return batch_size // self.size
-
-    def any(self, flag):
-        """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
-        if not self.launched:
-            return bool(flag)
-        value = torch.tensor([int(bool(flag))])
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item())
-
-    def vote(self, flag):
-        """Start `any(flag)` without waiting for it: .result() gives it (every rank must call both)."""
-        value = torch.tensor([int(bool(flag))])
-        work = torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, async_op=True)
-        return Vote(work, value)
-
-    def add_up(self, *tensors):
-        """The tensors' values (as Python numbers and lists) summed over the ranks, in one collective;
-        counts stay exact (float64 up to 2**53). A single process just reads them (a sync point)."""
-        if not self.launched:
-            return [t.tolist() for t in tensors]
-        packed = torch.cat([t.reshape(-1).double() for t in tensors])
-        torch.distributed.all_reduce(packed, group=self.data)
-        values, totals = packed.tolist(), []
-        for t in tensors:
-            part, values = values[:t.numel()], values[t.numel():]
-            totals.append(part if t.dim() else part[0])
-        return totals
-
-    def same_everywhere(self, *values):
-        """Whether these integers are equal on every rank (a collective: every rank must call it)."""
-        lows, highs = self.spread(*values)
-        return lows == highs
-
-    def spread(self, *values):
-        """The smallest and the largest of each of these integers over the ranks, as two lists (a collective)."""
-        if not self.launched:
-            return list(values), list(values)
-        low, high = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-        return low.tolist(), high.tolist()
-
-    def minimum(self, tensor):
-        if self.launched:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.data)
-        return tensor
-
-    def count(self, flag):
-        """On how many ranks `flag` is true (a collective: every rank must call it)."""
-        if not self.launched:
-            return int(bool(flag))
-        value = torch.tensor([int(bool(flag))])
-        torch.distributed.all_reduce(value)
-        return int(value.item())
-
-    def together(self, job, here=True):
-        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: each failing
-        one with its own error (marked `on_every_rank` when every rank failed, so that it is said once a
-        machine: said_here), the others with ElsewhereFailed. No rank waits forever for one that left."""
-        result, error = None, None
-        try:
-            result = job() if here else None
-        except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
-            error = raised
-            error.met_at = time.time()  # for torchrun's report: before the others can know of it (report_error)
-        failed = self.count(error is not None)
-        if failed and error is None:
-            elsewhere = ElsewhereFailed("another process of this run failed (its message says why)")
-            elsewhere.met_at = time.time()  # after the count, which the failing rank joined after meeting its error
-            raise elsewhere
-        if failed:
-            error.on_every_rank = failed == self.size
-            raise error
-        return result
-
-    def wrap(self, model, device):
-        """DistributedDataParallel around `model` under torchrun: it all-reduces the gradients during
-        backward and broadcasts rank 0's BatchNorm statistics at each training forward."""
-        if not self.launched:
-            return model
-        # SyncBatchNorm keeps the statistics equal everywhere: broadcasting them each forward would be wasted.
-        synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
-        for module in synced:
-            module.process_group = self.data  # not the default group's gloo: it would copy through the host
-        # torch 2.13 renamed broadcast_buffers (deprecated there, with a warning) to forward_sync_buffers.
-        ddp = nn.parallel.DistributedDataParallel
-        sync_keyword = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                        else "broadcast_buffers")
-        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.data,
-                   **{sync_keyword: not synced})
-
-    def share_buffers(self, model):
-        """Rank 0's BatchNorm statistics everywhere: each rank's last training step updated its own."""
-        if self.launched:
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0, group=self.data)
-
-    def resume_command(self, path):
-        if not self.launched:
-            return f"python train.py --resume {path}"
-        if self.nodes == 1:
-            return f"torchrun --standalone --nproc_per_node {self.local_size} train.py --resume {path}"
-        return (f"torchrun --nnodes {self.nodes} --nproc_per_node {self.local_size} --rdzv-backend c10d "
-                f"--rdzv-endpoint HOST:PORT train.py --resume {path}")
-
-    def description(self):
-        return {"world_size": self.size, "nodes": self.nodes, "backend": self.backend}
-
-
-@dataclasses.dataclass
-class Vote:
-    work: object
-    value: torch.Tensor
-
-    def result(self):
-        self.work.wait()
-        return bool(self.value.item())
-
-
-def world_from_environment(environ=None):
-    """The World that torchrun's variables describe, or a single process without them."""
-    environ = os.environ if environ is None else environ
-    if "RANK" not in environ or "WORLD_SIZE" not in environ:
-        return World()
-    size = int(environ["WORLD_SIZE"])
-    return World(rank=int(environ["RANK"]), local_rank=int(environ.get("LOCAL_RANK", 0)), size=size,
-                 local_size=int(environ.get("LOCAL_WORLD_SIZE", size)), launched=True)
-
-
-def backend_for(device_type):
-    """nccl between GPUs, gloo between CPU processes; MPS has no collective backend."""
-    if device_type == "cuda":
-        return "nccl"
-    if device_type == "cpu":
-        return "gloo"
-    raise devices.DeviceError(f"torchrun runs on CUDA GPUs (nccl) or on the CPU (gloo), not on {device_type}; "
-                              f"give --device cpu, or run without torchrun")
-
-
-@contextlib.contextmanager
-def processes(world):
-    """Connect the processes of a torchrun launch (a no-op for one process) and disconnect them on leaving.
-
-    They connect over gloo, before anything that may fail on one machine only (its GPU, its copy of the
-    checkpoint or the data), so that every check can go through World.together: such a failure stops
-    every rank with one line instead of leaving the others waiting for it until a timeout. Stop and
-    failure decisions stay on this group (small CPU values, no GPU sync); the GPUs' own group comes from
-    on_device, once every rank's device is known to work.
-    """
-    if not world.launched:
-        yield world
-        return
-    torch.distributed.init_process_group("gloo")
-    try:
-        yield dataclasses.replace(world, backend="gloo")
-    except RuntimeError:
-        raise  # a collective failed: a peer may be gone, and tearing down would wait for it
-    except BaseException:
-        # Every rank may have a line to say or to leave in torchrun's error file, after this: torchrun sends
-        # SIGTERM to the processes still running as soon as one has ended, which another, meeting the same
-        # end with nothing to say, may do first (torchrun's SIGKILL comes 30 s later).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        torch.distributed.destroy_process_group()  # every rank met the same end (a stop, a shared error)
-        raise
-    torch.distributed.destroy_process_group()  # and every other group, NCCL's too
-
-
-class DevicesDiffer(devices.DeviceError):
-    """The ranks chose different device types or precisions: every rank meets it, said once a machine."""
-
-
-def on_device(world, device, precision):
-    """`world` with its collectives on the device's tensors (gradients, evaluation sums, BatchNorm
-    statistics) in a group of NCCL between GPUs; between CPU processes they stay on the default gloo group.
-    Every rank must call it, with its device checked (backend_for) and working."""
-    if not world.launched:
-        return world
-    backend = backend_for(device.type)  # resolve_device checked it first, among the checks
-    # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
-    # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
-    # loss-scaled gradients with unscaled ones).
-    choices = (("cpu", "cuda"), devices.PRECISIONS)
-    lows, highs = world.spread(choices[0].index(device.type), choices[1].index(precision))
-    differ = [f"{names[low]} on some, {names[high]} on others" for names, low, high in zip(choices, lows, highs)
-              if low != high]
-    if differ:
-        raise DevicesDiffer(f"the processes of this run chose different devices or precisions ({'; '.join(differ)}): "
-                            f"give every machine the same kind of device, or --device and --precision explicitly")
-    if backend == "gloo":
-        return world
-    # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
-    return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))
-
-
-def said_here(world, error, alike_everywhere):
-    """Whether this rank prints `error`: for what every rank met alike (an error of the kinds
-    `alike_everywhere`, or one that every rank met in World.together) the first process of each machine
-    (rank 0 alone on one machine; on several, each machine's log gets the line), else each rank that met it."""
-    alike = getattr(error, "on_every_rank", isinstance(error, alike_everywhere))
-    return world.local_rank == 0 or not alike
-
-
-def report_error(world, script, error, text, alike_everywhere):
-    """`script: text` in one line on stderr (`script (rank N): text` from a rank other than 0), where
-    said_here says; under torchrun every failing process also leaves it in its error file, where
-    torchrun's failure report reads it: the report then shows the line instead of "To enable traceback
-    see ...", which would not help."""
-    line = f"{script}{f' (rank {world.rank})' if world.launched and not world.main else ''}: {text}"
-    if said_here(world, error, alike_everywhere):
-        print(line, file=sys.stderr)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if world.launched else None
-    if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
-        # torchrun's report names the earliest file its "Root Cause" (in whole seconds; a tie goes to the
-        # failure it noticed first): files are dated when the error was met, not when it is said (a rank
-        # may unwind longer), and a process that only says another one failed dates its file a second later.
-        timestamp = int(getattr(error, "met_at", time.time())) + isinstance(error, ElsewhereFailed)
-        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(timestamp)}}}
-        with contextlib.suppress(OSError):  # atomically: torchrun's agent fails on a half-written file
-            files.atomic_write(error_file, json.dumps(record).encode())
-
-
-@contextlib.contextmanager
-def quiet_unless(main):
-    """Ranks other than 0 print nothing (their lines would repeat rank 0's); errors are printed by the caller."""
-    if main:
-        yield
-        return
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        yield
-
-
-# ----------------------------------------------------------------------------- device and precision
-
-def resolve_device(device_name, precision, compile_model, world=World()):
+def resolve_device(device_name, precision, compile_model, world=distributed.World()):
     """The device (under torchrun: this rank's GPU) and the precision it runs: 'auto' becomes bf16, fp16 or
     fp32 (devices.py). Every problem found is a DeviceError: one line, and under torchrun it is this
     machine's alone, so each rank that meets it says it."""
@@ -338,7 +71,7 @@ def resolve_device(device_name, precision, compile_model, world=World()):
         raise devices.DeviceError(f"--device {device_name}{gpu}: the device cannot be used "
                                   f"({devices.first_line(error)}); check the GPU (nvidia-smi), or use --device cpu") from None
     if world.launched:
-        backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
+        distributed.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
     unsupported = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
     if unsupported:
         raise devices.DeviceError(unsupported)
@@ -368,6 +101,8 @@ def autocast(device, precision):
 
 # mallopt options from glibc's malloc.h, and the values glibc starts with.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
 GLIBC_MALLOC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 
 
@@ -405,66 +140,6 @@ def freed_memory_kept_in_heap(wanted):
                 libc.mallopt(option, value)
             libc.malloc_trim(0)
 
-
-def default_workers(processes_on_this_machine=1):
-    """The cores this process may use, less one for itself (it feeds the GPU: copies, kernel launches,
-    the loss's sync), at most 16. Augmentation costs about 30 us per image per core (benchmark.py, on a
-    2-core EPYC): 40,000 images/s take about two workers. Under torchrun the machine's cores are shared
-    by its processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores // processes_on_this_machine - 1))
-
-
-# ----------------------------------------------------------------------------- data
-
-def ignore_stop_signals_in_worker(_worker_id):
-    # Ctrl-C (and a cluster's SIGTERM) reach the whole process group: only the main process decides how
-    # to stop; workers end with it (DataLoader shuts them down, and they exit when their parent is gone).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def stop_workers(loader):
-    """End the loader's worker processes now. An error that leaves the program keeps the loader's iterator
-    alive in its traceback, and the workers ignore SIGTERM (above), so multiprocessing's exit handler,
-    which terminates and then joins them, would wait forever. DataLoader has no public call for this."""
-    iterator = getattr(loader, "_iterator", None)
-    with contextlib.suppress(Exception):
-        iterator._shutdown_workers()
-
-
-def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None, start_method=None,
-                      world=World()):
-    """The augmenting DataLoader and its sampler (call sampler.set_epoch before each epoch): this rank's
-    slice of each global batch of --batch-size images.
-
-    start_method: how workers start (default: the platform's; see devices.worker_start_method).
-    """
-    start_method = start_method or devices.worker_start_method()
-    shared = workers > 0 and devices.dataset_in_shared_memory(start_method)
-    # Measured before the dataset moves into shared memory, which takes its own part of /dev/shm; the
-    # processes of this machine share what is free.
-    pixel_bytes = 1 if normalize_std is None else 4  # uint8, or float32 normalized in the workers
-    batch_bytes = world.per_rank(args.batch_size) * (images[0].size * pixel_bytes + labels[:1].nbytes)
-    free = devices.free_shared_memory()  # None where there is no /dev/shm to count (macOS, Windows)
-    prefetch = devices.fit_prefetch(None if free is None else free // world.local_size, workers, batch_bytes,
-                                    dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
-    dataset = augment.AugmentedImages(images, labels, augment.train_transform(
-        mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),
-        shared=shared)
-    sampler = augment.SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed, rank=world.rank,
-                                         world_size=world.size)
-    if 0 < prefetch < 4 and workers:
-        note(f"/dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=devices.pin_memory(device.type),
-        persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
-        multiprocessing_context=start_method if workers > 0 else None)
-    return loader, sampler
-
-
-# ----------------------------------------------------------------------------- model and optimiser
 
 def build_model(num_classes, args, device):
     """ResNet18 on the device; BatchNorm synchronised across the ranks with --sync-bn (CUDA only)."""
@@ -524,7 +199,7 @@ class StepRunner:
     gradient all-reduce; rank 0's BatchNorm statistics before, and the counts added up after: evaluate).
     """
 
-    def __init__(self, model, args, precision, device, mean, std, steps_per_epoch, world=World()):
+    def __init__(self, model, args, precision, device, mean, std, steps_per_epoch, world=distributed.World()):
         self.model, self.device, self.precision, self.world = model, device, precision, world
         # On the device once: a host tensor per step would be a host-to-device copy per step.
         self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
@@ -571,8 +246,6 @@ class StepRunner:
         return self.optimizer.param_groups[0]["lr"]
 
 
-# ----------------------------------------------------------------------------- training and evaluation
-
 class StopFlag:
     """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal stops at once.
 
@@ -582,7 +255,7 @@ class StopFlag:
     instead of stalling every one: a stop comes one step later than in a single process.
     """
 
-    def __init__(self, world=World()):
+    def __init__(self, world=distributed.World()):
         self.signal, self.world = None, world
         self.pending = None  # under torchrun: the all-reduce of the flags of the step before
 
@@ -628,7 +301,7 @@ def progress_bar(iterable, total, description, enabled):
                 dynamic_ncols=True, unit="step")
 
 
-def show_progress(world=World()):
+def show_progress(world=distributed.World()):
     """Bars only for a person at a terminal, from rank 0: a redirected run gets one line per epoch."""
     return world.main and sys.stdout.isatty() and sys.stderr.isatty()
 

@@ -1,0 +1,283 @@
+"""Everything torchrun: the processes of a run, how they connect, agree and stop together, and how an
+error is said once. With one process (no torchrun) every call here is a no-op or a plain local value, so
+the rest of the code reads like single-process code. It defines things and does nothing on import.
+
+    world = distributed.world_from_environment()        # one process, or torchrun's RANK/WORLD_SIZE
+    with distributed.processes(world) as world:         # connected over gloo (a no-op for one process)
+        world = distributed.on_device(world, device, precision)   # NCCL's group between GPUs
+"""
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import devices
+import files
+
+
+class ElsewhereFailed(Exception):
+    """Another process of the run failed (and said why); this one stops too."""
+
+
+@dataclasses.dataclass
+class World:
+    """The processes of one run: a single one, or those torchrun started (RANK, LOCAL_RANK, WORLD_SIZE).
+
+    Everything that differs between ranks is here, so that the loop reads like a single process's:
+    `main` writes files and prints, the batch and the evaluation are split by `rank`, and the few
+    decisions that must be the same everywhere (stop, diverged, failed) go through `any`.
+    """
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    launched: bool = False  # by torchrun: the process group is (to be) started
+    backend: str = None  # of the collectives on the device's tensors: nccl between GPUs (from on_device), gloo
+    data: object = None  # their group: NCCL's own between GPUs; None (the default, gloo) between CPUs
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def nodes(self):
+        return max(1, self.size // self.local_size)
+
+    def per_rank(self, batch_size):
+        return batch_size // self.size
+
+    def any(self, flag):
+        """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
+        if not self.launched:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def vote(self, flag):
+        """Start `any(flag)` without waiting for it: .result() gives it (every rank must call both)."""
+        value = torch.tensor([int(bool(flag))])
+        work = torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        return Vote(work, value)
+
+    def add_up(self, *tensors):
+        """The tensors' values (as Python numbers and lists) summed over the ranks, in one collective;
+        counts stay exact (float64 up to 2**53). A single process just reads them (a sync point)."""
+        if not self.launched:
+            return [t.tolist() for t in tensors]
+        packed = torch.cat([t.reshape(-1).double() for t in tensors])
+        torch.distributed.all_reduce(packed, group=self.data)
+        values, totals = packed.tolist(), []
+        for t in tensors:
+            part, values = values[:t.numel()], values[t.numel():]
+            totals.append(part if t.dim() else part[0])
+        return totals
+
+    def same_everywhere(self, *values):
+        """Whether these integers are equal on every rank (a collective: every rank must call it)."""
+        lows, highs = self.spread(*values)
+        return lows == highs
+
+    def spread(self, *values):
+        """The smallest and the largest of each of these integers over the ranks, as two lists (a collective)."""
+        if not self.launched:
+            return list(values), list(values)
+        low, high = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        return low.tolist(), high.tolist()
+
+    def minimum(self, tensor):
+        if self.launched:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.data)
+        return tensor
+
+    def count(self, flag):
+        """On how many ranks `flag` is true (a collective: every rank must call it)."""
+        if not self.launched:
+            return int(bool(flag))
+        value = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(value)
+        return int(value.item())
+
+    def together(self, job, here=True):
+        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: each failing
+        one with its own error (marked `on_every_rank` when every rank failed, so that it is said once a
+        machine: said_here), the others with ElsewhereFailed. No rank waits forever for one that left."""
+        result, error = None, None
+        try:
+            result = job() if here else None
+        except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
+            error = raised
+            error.met_at = time.time()  # for torchrun's report: before the others can know of it (report_error)
+        failed = self.count(error is not None)
+        if failed and error is None:
+            elsewhere = ElsewhereFailed("another process of this run failed (its message says why)")
+            elsewhere.met_at = time.time()  # after the count, which the failing rank joined after meeting its error
+            raise elsewhere
+        if failed:
+            error.on_every_rank = failed == self.size
+            raise error
+        return result
+
+    def wrap(self, model, device):
+        """DistributedDataParallel around `model` under torchrun: it all-reduces the gradients during
+        backward and broadcasts rank 0's BatchNorm statistics at each training forward."""
+        if not self.launched:
+            return model
+        # SyncBatchNorm keeps the statistics equal everywhere: broadcasting them each forward would be wasted.
+        synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+        for module in synced:
+            module.process_group = self.data  # not the default group's gloo: it would copy through the host
+        # torch 2.13 renamed broadcast_buffers (deprecated there, with a warning) to forward_sync_buffers.
+        ddp = nn.parallel.DistributedDataParallel
+        sync_keyword = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                        else "broadcast_buffers")
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.data,
+                   **{sync_keyword: not synced})
+
+    def share_buffers(self, model):
+        """Rank 0's BatchNorm statistics everywhere: each rank's last training step updated its own."""
+        if self.launched:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0, group=self.data)
+
+    def resume_command(self, path):
+        if not self.launched:
+            return f"python train.py --resume {path}"
+        if self.nodes == 1:
+            return f"torchrun --standalone --nproc_per_node {self.local_size} train.py --resume {path}"
+        return (f"torchrun --nnodes {self.nodes} --nproc_per_node {self.local_size} --rdzv-backend c10d "
+                f"--rdzv-endpoint HOST:PORT train.py --resume {path}")
+
+    def description(self):
+        return {"world_size": self.size, "nodes": self.nodes, "backend": self.backend}
+
+
+@dataclasses.dataclass
+class Vote:
+    work: object
+    value: torch.Tensor
+
+    def result(self):
+        self.work.wait()
+        return bool(self.value.item())
+
+
+def world_from_environment(environ=None):
+    """The World that torchrun's variables describe, or a single process without them."""
+    environ = os.environ if environ is None else environ
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return World()
+    size = int(environ["WORLD_SIZE"])
+    return World(rank=int(environ["RANK"]), local_rank=int(environ.get("LOCAL_RANK", 0)), size=size,
+                 local_size=int(environ.get("LOCAL_WORLD_SIZE", size)), launched=True)
+
+
+def backend_for(device_type):
+    """nccl between GPUs, gloo between CPU processes; MPS has no collective backend."""
+    if device_type == "cuda":
+        return "nccl"
+    if device_type == "cpu":
+        return "gloo"
+    raise devices.DeviceError(f"torchrun runs on CUDA GPUs (nccl) or on the CPU (gloo), not on {device_type}; "
+                              f"give --device cpu, or run without torchrun")
+
+
+@contextlib.contextmanager
+def processes(world):
+    """Connect the processes of a torchrun launch (a no-op for one process) and disconnect them on leaving.
+
+    They connect over gloo, before anything that may fail on one machine only (its GPU, its copy of the
+    checkpoint or the data), so that every check can go through World.together: such a failure stops
+    every rank with one line instead of leaving the others waiting for it until a timeout. Stop and
+    failure decisions stay on this group (small CPU values, no GPU sync); the GPUs' own group comes from
+    on_device, once every rank's device is known to work.
+    """
+    if not world.launched:
+        yield world
+        return
+    torch.distributed.init_process_group("gloo")
+    try:
+        yield dataclasses.replace(world, backend="gloo")
+    except RuntimeError:
+        raise  # a collective failed: a peer may be gone, and tearing down would wait for it
+    except BaseException:
+        # Every rank may have a line to say or to leave in torchrun's error file, after this: torchrun sends
+        # SIGTERM to the processes still running as soon as one has ended, which another, meeting the same
+        # end with nothing to say, may do first (torchrun's SIGKILL comes 30 s later).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        torch.distributed.destroy_process_group()  # every rank met the same end (a stop, a shared error)
+        raise
+    torch.distributed.destroy_process_group()  # and every other group, NCCL's too
+
+
+class DevicesDiffer(devices.DeviceError):
+    """The ranks chose different device types or precisions: every rank meets it, said once a machine."""
+
+
+def on_device(world, device, precision):
+    """`world` with its collectives on the device's tensors (gradients, evaluation sums, BatchNorm
+    statistics) in a group of NCCL between GPUs; between CPU processes they stay on the default gloo group.
+    Every rank must call it, with its device checked (backend_for) and working."""
+    if not world.launched:
+        return world
+    backend = backend_for(device.type)  # resolve_device checked it first, among the checks
+    # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
+    # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
+    # loss-scaled gradients with unscaled ones).
+    choices = (("cpu", "cuda"), devices.PRECISIONS)
+    lows, highs = world.spread(choices[0].index(device.type), choices[1].index(precision))
+    differ = [f"{names[low]} on some, {names[high]} on others" for names, low, high in zip(choices, lows, highs)
+              if low != high]
+    if differ:
+        raise DevicesDiffer(f"the processes of this run chose different devices or precisions ({'; '.join(differ)}): "
+                            f"give every machine the same kind of device, or --device and --precision explicitly")
+    if backend == "gloo":
+        return world
+    # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
+    return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))
+
+
+def said_here(world, error, alike_everywhere):
+    """Whether this rank prints `error`: for what every rank met alike (an error of the kinds
+    `alike_everywhere`, or one that every rank met in World.together) the first process of each machine
+    (rank 0 alone on one machine; on several, each machine's log gets the line), else each rank that met it."""
+    alike = getattr(error, "on_every_rank", isinstance(error, alike_everywhere))
+    return world.local_rank == 0 or not alike
+
+
+def report_error(world, script, error, text, alike_everywhere):
+    """`script: text` in one line on stderr (`script (rank N): text` from a rank other than 0), where
+    said_here says; under torchrun every failing process also leaves it in its error file, where
+    torchrun's failure report reads it: the report then shows the line instead of "To enable traceback
+    see ...", which would not help."""
+    line = f"{script}{f' (rank {world.rank})' if world.launched and not world.main else ''}: {text}"
+    if said_here(world, error, alike_everywhere):
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if world.launched else None
+    if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
+        # torchrun's report names the earliest file its "Root Cause" (in whole seconds; a tie goes to the
+        # failure it noticed first): files are dated when the error was met, not when it is said (a rank
+        # may unwind longer), and a process that only says another one failed dates its file a second later.
+        timestamp = int(getattr(error, "met_at", time.time())) + isinstance(error, ElsewhereFailed)
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(timestamp)}}}
+        with contextlib.suppress(OSError):  # atomically: torchrun's agent fails on a half-written file
+            files.atomic_write(error_file, json.dumps(record).encode())
+
+
+@contextlib.contextmanager
+def quiet_unless(main):
+    """Ranks other than 0 print nothing (their lines would repeat rank 0's); errors are printed by the caller."""
+    if main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
