@@ -153,21 +153,18 @@ def measure_augmentation(args):
 
 
 def measure_step(args, precision, device, steps, batch, world=distributed.World()):
-    """Forward, backward and optimizer step on one batch already on the device; with a launched `world`,
-    under DistributedDataParallel (each process a batch of its own)."""
-    runner = loop.StepRunner(loop.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
-                               augment.CIFAR10_STD, steps_per_epoch=10 * steps, world=world)
+    """The training step alone: loop.train_one_epoch over one batch already on the device, again and again
+    (no loader). With a launched `world`, under DistributedDataParallel (each process a batch of its own).
+    Returns one process's images per second."""
+    trainer = loop.Trainer(loop.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
+                           augment.CIFAR10_STD, steps_per_epoch=steps + 2, world=world)
     images, labels = synthetic_images(batch, seed=world.rank)
-    images, labels = augment.to_tensor(images).contiguous().to(device), torch.from_numpy(labels).to(device)
-    synchronize = devices.synchronizer(device.type)
-    for _ in range(2):  # warm-up: kernel selection, compilation, the heap's growth
-        runner(images, labels)
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        runner(images, labels)
-    synchronize()
-    return steps * len(labels) / (time.perf_counter() - start)
+    batches = [(augment.to_tensor(images).contiguous().to(device), torch.from_numpy(labels).to(device))]
+    with loop.StopFlag(world) as stop:
+        # Two steps first: kernel selection, compilation, the heap's growth.
+        loop.train_one_epoch(trainer, batches * 2, 1, 2, stop, bar_enabled=False)
+        timed = loop.train_one_epoch(trainer, batches * steps, 2, 2, stop, bar_enabled=False)
+    return timed["images_per_s"] / world.size  # the epoch counts every process's images
 
 
 def measure_all_reduce(device, steps, world):
@@ -190,12 +187,12 @@ def measure_full_loop(args, precision, device, workers, steps, world):
     images, labels = synthetic_images(args.batch_size * steps)
     loader, sampler = world.together(lambda: augment.make_train_loader(
         images, labels, args, augment.CIFAR10_MEAN, device, workers, world=world))
-    runner = loop.StepRunner(loop.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
-                               augment.CIFAR10_STD, steps_per_epoch=len(loader), world=world)
+    trainer = loop.Trainer(loop.build_model(10, args, device), args, precision, device, augment.CIFAR10_MEAN,
+                           augment.CIFAR10_STD, steps_per_epoch=len(loader), world=world)
     with loop.StopFlag(world) as stop, workers_stopped(loader):
         for epoch in (1, 2):
             sampler.set_epoch(epoch)
-            stats = loop.train_one_epoch(runner, loader, epoch, 2, stop, bar_enabled=False)
+            stats = loop.train_one_epoch(trainer, loader, epoch, 2, stop, bar_enabled=False)
     return stats["images_per_s"]
 
 

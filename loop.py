@@ -2,8 +2,8 @@
 the optimisation step, one epoch, evaluation, and stopping on a signal. It defines things and does
 nothing on import.
 
-    runner = loop.StepRunner(model, args, precision, device, mean, std, steps_per_epoch, world)
-    loop.train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled=True)
+    trainer = loop.Trainer(model, args, precision, device, mean, std, steps_per_epoch, world)
+    loop.train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled=True)
 """
 import contextlib
 import ctypes
@@ -191,8 +191,9 @@ def warmup_fraction(warmup, total_steps):
     return 0.99 / total_steps  # OneCycleLR then starts its anneal from the peak, 0.01 step before step 0
 
 
-class StepRunner:
-    """One optimisation step on a uint8 batch already on the device, with the run's precision and layout.
+class Trainer:
+    """What a training step uses: the model, its optimiser, schedule and grad scaler, the run's precision,
+    layout and loss, and the (compiled) forward functions. train_one_epoch takes the steps.
 
     `model` is the plain model (what checkpoints save); training runs through DistributedDataParallel
     under torchrun, evaluation through the plain model (each rank its own share of the batches, no
@@ -219,19 +220,6 @@ class StepRunner:
         # batch is not): a compiled model would compile again for another one.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return augment.normalize(images, self.mean, self.std).contiguous(memory_format=layout)
-
-    def __call__(self, images, labels):
-        """Returns the detached loss and logits (device tensors: reading them is a sync point)."""
-        with autocast(self.device, self.precision):
-            logits = self.train_forward(self.inputs(images))
-            loss = self.criterion(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.per_step_schedule:
-            self.step_schedule()
-        return loss.detach(), logits.detach()
 
     def step_schedule(self):
         """The lr is a function of the step count, also for steps that the grad scaler skipped."""
@@ -306,13 +294,14 @@ def show_progress(world=distributed.World()):
     return world.main and sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
-    """One pass over the loader. Running sums stay on the device; they are read only when the bar
-    refreshes (about twice a second) and at the end, because .item() is a CPU-GPU sync point.
-    Under torchrun the sums are all ranks' (one all-reduce at the end)."""
-    model, device, world = runner.model, runner.device, runner.world
-    non_blocking = devices.copy_non_blocking(loader.pin_memory)
-    model.train()
+def train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled):
+    """One pass over the loader (batches of uint8 images and labels), a training step a batch. Running
+    sums stay on the device; they are read only when the bar refreshes (about twice a second) and at the
+    end, because .item() is a CPU-GPU sync point. Under torchrun the sums are all ranks' (one all-reduce
+    at the end)."""
+    t, device, world = trainer, trainer.device, trainer.world
+    non_blocking = devices.copy_non_blocking(getattr(loader, "pin_memory", False))
+    t.model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad_step = torch.full((), NO_BAD_STEP, device=device, dtype=torch.long)
@@ -323,7 +312,18 @@ def train_one_epoch(runner, loader, epoch, epochs, stop, bar_enabled):
             raise Stopped(f"epoch {epoch}, after step {step} of {len(loader)}")
         images = images.to(device, non_blocking=non_blocking)
         labels = labels.to(device, non_blocking=non_blocking)
-        loss, logits = runner(images, labels)
+        # The step: forward and loss in the run's precision, backward (under torchrun DDP all-reduces the
+        # gradients meanwhile), the optimiser's step through the grad scaler (fp16 only), the lr's step.
+        with autocast(device, t.precision):
+            logits = t.train_forward(t.inputs(images))
+            loss = t.criterion(logits.float(), labels)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        if t.per_step_schedule:
+            t.step_schedule()
+        loss, logits = loss.detach(), logits.detach()
         loss_sum += loss * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step + 1))
@@ -352,7 +352,7 @@ def check_finite(first_bad_step, epoch, steps):
 
 
 @torch.no_grad()
-def evaluate(runner, images, labels, num_classes, batch_size, description="evaluating", bar_enabled=False):
+def evaluate(trainer, images, labels, num_classes, batch_size, description="evaluating", bar_enabled=False):
     """Loss, accuracy, accuracy with horizontal-flip test-time augmentation, and the confusion matrix.
 
     `images` is a uint8 (N, 3, 32, 32) tensor; the loss is the training criterion, so curves compare.
@@ -363,7 +363,7 @@ def evaluate(runner, images, labels, num_classes, batch_size, description="evalu
     A compiled model gets the ragged last batch padded to full size: one more shape would mean one more
     compilation (10,000 test images = 19 x 512 + 272).
     """
-    model, device, world = runner.model, runner.device, runner.world
+    model, device, world = trainer.model, trainer.device, trainer.world
     world.share_buffers(model)
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -374,11 +374,11 @@ def evaluate(runner, images, labels, num_classes, batch_size, description="evalu
     for start in progress_bar(starts, len(starts), description, bar_enabled):
         y = labels[start:start + batch_size].to(device)
         x = images[start:start + batch_size].to(device)
-        x = runner.inputs(padded(x, batch_size) if runner.compiled else x)
-        with autocast(device, runner.precision):
-            logits = runner.forward(x)[:len(y)].float()
-            logits_tta = logits + runner.forward(x.flip(3))[:len(y)].float()
-        loss_sum += runner.criterion(logits, y) * len(y)
+        x = trainer.inputs(padded(x, batch_size) if trainer.compiled else x)
+        with autocast(device, trainer.precision):
+            logits = trainer.forward(x)[:len(y)].float()
+            logits_tta = logits + trainer.forward(x.flip(3))[:len(y)].float()
+        loss_sum += trainer.criterion(logits, y) * len(y)
         predicted = logits.argmax(1)
         correct += (predicted == y).sum()
         correct_tta += (logits_tta.argmax(1) == y).sum()

@@ -1,7 +1,7 @@
 """What a training run writes into its folder: log.json, last.pt and best.pt, their contents, and how.
 Defines things only: nothing happens on import.
 
-    checkpoint = runfiles.build_checkpoint(runner, args, data, epoch, history, best)   # CPU tensors, plain values
+    checkpoint = runfiles.build_checkpoint(trainer, args, data, epoch, history, best)   # CPU tensors, plain values
     runfiles.save_epoch(paths, checkpoint, improved, log, resume_command)   # last.pt, best.pt, log.json
     runfiles.BackgroundWriter().submit(epoch, snapshot, write)   # write(*snapshot()) while the next epoch trains
     runfiles.catch_up(paths, source, checkpoint, log)   # a resumed folder brought up to date with its checkpoint
@@ -148,32 +148,32 @@ def final_metrics(confusion, classes):
     return {"per_class_accuracy": per_class, "confusion_matrix": confusion}
 
 
-def build_checkpoint(runner, args, data, epoch, history, best):
+def build_checkpoint(trainer, args, data, epoch, history, best):
     """Everything a resume or gradcam.py needs, as CPU tensors and plain values: it loads on any machine."""
-    raw_model = runner.model  # never the compiled wrapper: no '_orig_mod.' prefixes
-    state = devices.on_cpu({"model": raw_model.state_dict(), "optimizer": runner.optimizer.state_dict(),
-                            "scheduler": runner.scheduler.state_dict(), "scaler": runner.scaler.state_dict(),
-                            "rng": devices.rng_state(runner.device.type)})
+    raw_model = trainer.model  # never the compiled wrapper: no '_orig_mod.' prefixes
+    state = devices.on_cpu({"model": raw_model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+                            "rng": devices.rng_state(trainer.device.type)})
     return {"format": CHECKPOINT_FORMAT, **state,
             "model_args": {"num_classes": len(data.classes)}, "classes": list(data.classes),
             "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset,
             "epoch": epoch, "args": dict(vars(args)), "history": history, "best": best}
 
 
-def restore_checkpoint(runner, checkpoint):
+def restore_checkpoint(trainer, checkpoint):
     try:
-        runner.model.load_state_dict(checkpoint["model"])
+        trainer.model.load_state_dict(checkpoint["model"])
         # load_state_dict takes every group setting from the checkpoint, fused SGD too: keep this machine's.
-        implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in runner.optimizer.param_groups]
-        runner.optimizer.load_state_dict(checkpoint["optimizer"])
-        for group, kept in zip(runner.optimizer.param_groups, implementation):
+        implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in trainer.optimizer.param_groups]
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, kept in zip(trainer.optimizer.param_groups, implementation):
             group.update(kept)
-        match_parameter_layouts(runner.optimizer)
-        runner.scheduler.load_state_dict(checkpoint["scheduler"])
+        match_parameter_layouts(trainer.optimizer)
+        trainer.scheduler.load_state_dict(checkpoint["scheduler"])
         # A bf16 or fp32 run saved no scaler state: an fp16 run resuming it starts a fresh scaler.
-        if checkpoint["scaler"] and runner.scaler.is_enabled():
-            runner.scaler.load_state_dict(checkpoint["scaler"])
-        devices.restore_rng_state(checkpoint["rng"], runner.device.type)
+        if checkpoint["scaler"] and trainer.scaler.is_enabled():
+            trainer.scaler.load_state_dict(checkpoint["scaler"])
+        devices.restore_rng_state(checkpoint["rng"], trainer.device.type)
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint does not fit this model and recipe "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None

@@ -468,10 +468,10 @@ class Run:
         self.loader, self.sampler = world.together(lambda: augment.make_train_loader(
             train_images, train_labels, args, data.mean, device, workers, world=world))
         model = loop.build_model(self.num_classes, args, device)
-        self.runner = loop.StepRunner(model, args, precision, device, data.mean, data.std, len(self.loader), world)
+        self.trainer = loop.Trainer(model, args, precision, device, data.mean, data.std, len(self.loader), world)
         self.history, self.best, self.last_confusion = [], None, None
         if checkpoint is not None:  # a checkpoint that does not fit fails everywhere alike, or stops the rest
-            world.together(lambda: runfiles.restore_checkpoint(self.runner, checkpoint))
+            world.together(lambda: runfiles.restore_checkpoint(self.trainer, checkpoint))
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
             self.last_confusion = checkpoint["confusion"]
         self.resumed = checkpoint  # for catch_up_files
@@ -498,21 +498,21 @@ class Run:
 
     def epoch(self, epoch, stop):
         """Train and evaluate one epoch; returns its log record and the test confusion matrix."""
-        args, runner = self.args, self.runner
+        args, trainer = self.args, self.trainer
         self.sampler.set_epoch(epoch)
         start = time.perf_counter()
-        record = {"epoch": epoch, "lr": runner.lr()}
+        record = {"epoch": epoch, "lr": trainer.lr()}
         bar = loop.show_progress(self.world)
-        record.update(loop.train_one_epoch(runner, self.loader, epoch, args.epochs, stop, bar))
+        record.update(loop.train_one_epoch(trainer, self.loader, epoch, args.epochs, stop, bar))
         # Evaluation batches: each process's share of a training batch (the memory it has).
         batch = self.world.per_rank(args.batch_size)
         if self.val is not None:
-            val = loop.evaluate(runner, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
+            val = loop.evaluate(trainer, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        test = loop.evaluate(runner, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
+        test = loop.evaluate(trainer, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
         record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
         if args.schedule == "plateau":
-            runner.scheduler.step(record["val_acc"] if self.val is not None else record["train_loss"])
+            trainer.scheduler.step(record["val_acc"] if self.val is not None else record["train_loss"])
         record["seconds"] = time.perf_counter() - start
         return record, test["confusion"]
 
@@ -532,7 +532,7 @@ class Run:
         final = runfiles.final_metrics(confusion, self.data.classes) if epoch == self.args.epochs else None
 
         def snapshot():
-            checkpoint = runfiles.build_checkpoint(self.runner, self.args, self.data, epoch, history, best)
+            checkpoint = runfiles.build_checkpoint(self.trainer, self.args, self.data, epoch, history, best)
             checkpoint.update(data=self.described, confusion=confusion)
             log = self.log(history, final)
             return checkpoint, log

@@ -57,7 +57,7 @@ def test_benchmark_bad_input(tmp_path, capsys):
 
 FAILING_BENCHMARK = """
 import sys, benchmark, loop
-def failing_epoch(runner, loader, *args, **kwargs):
+def failing_epoch(trainer, loader, *args, **kwargs):
     next(iter(loader))  # the loader's workers are running
     raise RuntimeError("CUDA out of memory (raised by the test)")
 loop.train_one_epoch = failing_epoch

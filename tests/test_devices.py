@@ -176,12 +176,12 @@ def test_checkpoint_of_a_gpu_run_holds_cpu_tensors(monkeypatch):
         model = resnet.resnet18()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
         model = model.to_empty(device="cuda")
-        runner = loop.StepRunner(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
+        trainer = loop.Trainer(model, args, "bf16", torch.device("cuda"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=10)
         for parameter in model.parameters():  # what SGD's first step creates
-            runner.optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+            trainer.optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
         assert next(model.parameters()).device.type == "cuda"
-        checkpoint = runfiles.build_checkpoint(runner, args, data, 1, [], None)
+        checkpoint = runfiles.build_checkpoint(trainer, args, data, 1, [], None)
     tensors = list(tensors_in(checkpoint))
     assert len(tensors) > 2 * len(list(model.parameters())) and {t.device.type for t in tensors} == {"cpu"}
 
@@ -313,9 +313,9 @@ def test_model_inputs_have_one_layout_whatever_the_source():
     images = augment.to_tensor(coloured_images(10, 0)[0])
     for channels_last in (True, False):
         args = train.build_parser().parse_args([] if channels_last else ["--no-channels-last"])
-        runner = loop.StepRunner(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
+        trainer = loop.Trainer(resnet.resnet18(), args, "fp32", torch.device("cpu"), augment.CIFAR10_MEAN,
                                   augment.CIFAR10_STD, steps_per_epoch=1)
-        assert runner.inputs(images[:8]).stride() == runner.inputs(loop.padded(images[8:], 8)).stride()
+        assert trainer.inputs(images[:8]).stride() == trainer.inputs(loop.padded(images[8:], 8)).stride()
 
 
 @pytest.mark.parametrize("free_mb, workers, expected", [
@@ -411,26 +411,27 @@ def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path)
     # Optimizer.load_state_dict takes every group setting from the checkpoint: a CPU run resumed on a
     # GPU would lose fused SGD (and the fp16 scaler's sync-free step) without care.
     args = train.parse_args(tiny_args(data_dir, tmp_path))
-    runner = loop.StepRunner(loop.build_model(10, args, torch.device("cpu")), args, "bf16", torch.device("cpu"),
+    trainer = loop.Trainer(loop.build_model(10, args, torch.device("cpu")), args, "bf16", torch.device("cpu"),
                                augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2)
     data = augment.load_dataset("cifar10", data_dir, download=False)
-    checkpoint = runfiles.build_checkpoint(runner, args, data, 1, [], None)
+    checkpoint = runfiles.build_checkpoint(trainer, args, data, 1, [], None)
     checkpoint["optimizer"]["param_groups"][0].update(fused=True, foreach=False)  # as a GPU run saves it
-    before = {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
-    runfiles.restore_checkpoint(runner, checkpoint)
-    assert {k: runner.optimizer.param_groups[0][k] for k in ("fused", "foreach")} == before
+    before = {k: trainer.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
+    runfiles.restore_checkpoint(trainer, checkpoint)
+    assert {k: trainer.optimizer.param_groups[0][k] for k in ("fused", "foreach")} == before
 
 
 def test_resume_puts_momentum_buffers_in_the_parameters_layout(data_dir, tmp_path):
     # A --no-channels-last run resumed with channels_last (the default): loading keeps the saved NCHW
     # buffers, and CUDA's fused SGD refuses a step whose buffers' strides differ from the parameters'.
-    def runner(*flags):
+    def trainer(*flags):
         args = train.parse_args(tiny_args(data_dir, tmp_path, *flags))
-        return loop.StepRunner(loop.build_model(10, args, torch.device("cpu")), args, "fp32",
-                                 torch.device("cpu"), augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2), args
-    (saved, args), (resumed, _) = runner("--no-channels-last"), runner()
+        return loop.Trainer(loop.build_model(10, args, torch.device("cpu")), args, "fp32",
+                            torch.device("cpu"), augment.CIFAR10_MEAN, augment.CIFAR10_STD, 2), args
+    (saved, args), (resumed, _) = trainer("--no-channels-last"), trainer()
     images, labels = coloured_images(8, 0)
-    saved(augment.to_tensor(images), torch.from_numpy(labels))  # one step: momentum buffers exist
+    with loop.StopFlag() as stop:  # one step: momentum buffers exist
+        loop.train_one_epoch(saved, [(augment.to_tensor(images), torch.from_numpy(labels))], 1, 1, stop, False)
     data = augment.load_dataset("cifar10", data_dir, download=False)
     runfiles.save_checkpoint(runfiles.build_checkpoint(saved, args, data, 1, [], None), tmp_path / "nchw.pt")
     runfiles.restore_checkpoint(resumed, torch.load(tmp_path / "nchw.pt", weights_only=True))

@@ -93,9 +93,9 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(request, tmp_path, m
 
     def save_then_raise_lr(self, record, confusion):  # epoch 1 trains well, then the lr explodes
         save(self, record, confusion)
-        for group in self.runner.optimizer.param_groups:
+        for group in self.trainer.optimizer.param_groups:
             group["lr"] = 1e12
-        self.runner.per_step_schedule = False
+        self.trainer.per_step_schedule = False
 
     monkeypatch.setattr(train.Run, "save", save_then_raise_lr)
     code, err = run_main(train, args(data_dir, tmp_path), capsys)
@@ -155,7 +155,7 @@ def test_resume_into_another_folder_refuses_another_run_and_branches_the_run(dat
     code, err = run_main(train, [*resume, "--out-dir", str(other)], capsys)
     assert code == 2 and "holds another finished run" in err, err
     # Stopped before its first epoch was saved: the branch holds the run as saved, and resumes from there.
-    monkeypatch.setattr(train.Run, "epoch", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     code, err = run_main(train, [*resume, "--out-dir", str(other), "--overwrite"], capsys)
     monkeypatch.undo()
     assert code == 130 and f"continue with: python train.py --resume {other / 'last.pt'}" in err, err

@@ -87,11 +87,11 @@ def test_an_unexpected_error_lets_the_write_in_progress_finish(data_dir, tmp_pat
     failed = threading.Event()
     evaluate = loop.evaluate
 
-    def out_of_memory_in_epoch_2(runner, *args, **kwargs):
-        if runner.scheduler.last_epoch > 2:
+    def out_of_memory_in_epoch_2(trainer, *args, **kwargs):
+        if trainer.scheduler.last_epoch > 2:
             failed.set()
             raise RuntimeError("CUDA out of memory (simulated)")
-        return evaluate(runner, *args, **kwargs)
+        return evaluate(trainer, *args, **kwargs)
 
     monkeypatch.setattr(loop, "evaluate", out_of_memory_in_epoch_2)
     waited = []  # whether each write waited for the failure (not for the timeout)
@@ -114,10 +114,10 @@ def test_a_stop_after_the_last_step_finishes_the_run(data_dir, tmp_path, monkeyp
     # saves, says so, and exits 0; the message printed at the signal said this would happen.
     evaluate = loop.evaluate
 
-    def interrupted_evaluation(runner, *args, **kwargs):
-        if runner.scheduler.last_epoch == runner.scheduler.total_steps:  # after the last step
+    def interrupted_evaluation(trainer, *args, **kwargs):
+        if trainer.scheduler.last_epoch == trainer.scheduler.total_steps:  # after the last step
             os.kill(os.getpid(), signal.SIGINT)
-        return evaluate(runner, *args, **kwargs)
+        return evaluate(trainer, *args, **kwargs)
 
     monkeypatch.setattr(loop, "evaluate", interrupted_evaluation)
     assert train.main(tiny_args(data_dir, tmp_path)) == 0
@@ -152,10 +152,10 @@ def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, m
     second_epoch_started = threading.Event()
     train_one_epoch = loop.train_one_epoch
 
-    def note_the_start(runner, loader, epoch, *args, **kwargs):
+    def note_the_start(trainer, loader, epoch, *args, **kwargs):
         if epoch == 2:
             second_epoch_started.set()
-        return train_one_epoch(runner, loader, epoch, *args, **kwargs)
+        return train_one_epoch(trainer, loader, epoch, *args, **kwargs)
 
     overlapped = []
     monkeypatch.setattr(loop, "train_one_epoch", note_the_start)

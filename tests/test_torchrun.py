@@ -95,12 +95,12 @@ def reference_evaluation(checkpoint_path, data_dir, batch_size, precision):
     args = argparse.Namespace(**checkpoint["args"])
     model = loop.build_model(10, args, torch.device("cpu"))
     model.load_state_dict(checkpoint["model"])
-    runner = loop.StepRunner(model, args, precision, torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
+    trainer = loop.Trainer(model, args, precision, torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
     data = augment.load_dataset("cifar10", data_dir, download=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return loop.evaluate(runner, augment.to_tensor(data.test_images), torch.from_numpy(data.test_labels),
+        return loop.evaluate(trainer, augment.to_tensor(data.test_images), torch.from_numpy(data.test_labels),
                                10, batch_size)
     finally:
         torch.set_num_threads(threads)
@@ -366,10 +366,10 @@ def test_a_nan_on_another_rank_stops_this_one(data_dir, tmp_path):
     args = train.parse_args(tiny_args(data_dir, tmp_path))
     images, labels = coloured_images(64, seed=0)
     loader, _ = augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, cpu, 0, world=world)
-    runner = loop.StepRunner(loop.build_model(10, args, cpu), args, "bf16", cpu, augment.CIFAR10_MEAN,
+    trainer = loop.Trainer(loop.build_model(10, args, cpu), args, "bf16", cpu, augment.CIFAR10_MEAN,
                                augment.CIFAR10_STD, len(loader), world)
     with loop.StopFlag(world) as stop, pytest.raises(loop.Diverged, match="epoch 1, step 1 of 2"):
-        loop.train_one_epoch(runner, loader, 1, 1, stop, bar_enabled=False)
+        loop.train_one_epoch(trainer, loader, 1, 1, stop, bar_enabled=False)
 
 
 def test_torchruns_variables_describe_the_processes():
