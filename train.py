@@ -11,7 +11,8 @@ Writes into --out-dir (default: the current folder) log.json (rewritten after ev
 `plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
 torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for
 errors: one that a process alone meets, it says; one that every process meets, each machine says once.
-The recipes, resuming, torchrun and every output file are described in README.md.
+The recipes, resuming, torchrun and every output file are described in README.md. The epoch loop is
+train(), just below main(); the training step is in loop.train_one_epoch.
 """
 import argparse
 import contextlib
@@ -49,6 +50,67 @@ RUNTIME_FLAGS = MACHINE_FLAGS + PLACE_FLAGS
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2."""
+
+
+# ----------------------------------------------------------------------------- the run
+
+# Errors that every rank meets at the same point (the same arguments, a shared decision): said once a machine.
+SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, distributed.ElsewhereFailed, distributed.DevicesDiffer)
+
+
+def main(argv=None):
+    world = distributed.world_from_environment()
+    try:
+        with distributed.quiet_unless(world.main):
+            return train(lambda: (parse_args(argv), flags_given(argv)), world)
+    except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse,
+            distributed.ElsewhereFailed) as error:
+        return report(world, error, "error: ", 2)
+    except Diverged as error:
+        return report(world, error, "stopped: ", 1)
+    except Stopped as error:
+        return report(world, error, "stopped ", 130)
+    except KeyboardInterrupt:  # before the run's own handler was installed
+        return report(world, "stopped before the first epoch; nothing was written", "", 130)
+    except runfiles.WriteFailed as error:
+        return report(world, error, "error: ", 1)
+
+
+def train(read_command_line, world=distributed.World()):
+    """The whole run: the checks, then the epochs, each trained, evaluated, saved and printed.
+    `read_command_line()`: the arguments and the flags the command line set (flags_given); `world`: the
+    processes of a torchrun launch (one without it). Returns the exit code."""
+    with distributed.processes(world) as world:
+        args, checkpoint, device, precision, world, data, parts = prepare(read_command_line, world)
+        # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
+        # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
+        heap = loop.freed_memory_kept_in_heap(device.type == "cpu")
+        with contextlib.ExitStack() as stack:
+            world.together(lambda: stack.enter_context(own_out_dir(args.out_dir)), here=world.main)
+            stop = stack.enter_context(loop.StopFlag(world))
+            stack.enter_context(loop.process_settings(device, args.deterministic))
+            run = Run(args, data, parts, checkpoint, device, precision, stack.enter_context(heap), world)
+            trainer, bar, first = run.trainer, loop.show_progress(world), len(run.history) + 1
+            with run.ending_cleanly():
+                for epoch in range(first, args.epochs + 1):
+                    start = time.perf_counter()
+                    run.sampler.set_epoch(epoch)
+                    record = {"epoch": epoch, "lr": trainer.lr(),
+                              **loop.train_one_epoch(trainer, run.loader, epoch, args.epochs, stop, bar)}
+                    confusion = run.evaluate(record, bar)
+                    if args.schedule == "plateau":  # never on the test set
+                        trainer.scheduler.step(record["val_acc"] if run.val is not None else record["train_loss"])
+                    record["seconds"] = time.perf_counter() - start
+                    run.save(record, confusion)  # written while the next epoch trains
+                    print(epoch_line(record, args.epochs, run.val is not None), flush=True)
+            run.say_done(stop, trained=first <= args.epochs)
+    return 0
+
+
+def report(world, error, kind, code):
+    """One line on stderr (distributed.report_error); returns the exit code."""
+    distributed.report_error(world, "train.py", error, f"{kind}{error}", SAID_ONCE_A_MACHINE)
+    return code
 
 
 # ----------------------------------------------------------------------------- command line
@@ -331,41 +393,27 @@ def epoch_line(record, epochs, has_val):
             f"{record['images_per_s']:.0f} img/s)")
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- setting up
 
-def train(read_command_line, world=distributed.World()):
-    """The whole run: data, model, epochs, files. `read_command_line()`: the arguments and the flags the
-    command line set (flags_given); `world`: the processes of a torchrun launch (one without it). Returns
-    the exit code."""
-    with distributed.processes(world) as world:
-        # Read once connected: a bad flag on one machine stops every process, not that machine's alone.
-        args, given = world.together(read_command_line)
-        # Every input is checked before anything is created: a bad dataset leaves no folder and no lock
-        # behind. Each rank reads its own checkpoint, device and data (its machine's copies); a failure
-        # anywhere stops every rank. Under torchrun rank 0 owns the folder, and each machine's first
-        # process downloads the data while the others wait.
-        args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
-        check_same_settings(world, args, checkpoint)  # before a download: --dataset may differ
-        world = distributed.on_device(world, device, precision)
-        world.together(lambda: check_new_run(args, checkpoint), here=world.main)
-        data = load_data(args, world)
-        check_same_data(world, data, checkpoint)  # then every rank decides alike below
-        if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
-            mismatch = CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
-                                       f"classes, but {args.dataset} has {len(data.classes)}")
-            mismatch.on_every_rank = True  # the same everywhere: check_same_data compared them
-            raise mismatch
-        parts = split_data(data, args, world)
-        # Signals set a flag from here on: a stop during the setup still ends cleanly, at the first step.
-        # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
-        heap = loop.freed_memory_kept_in_heap(device.type == "cpu")
-        with contextlib.ExitStack() as stack:
-            world.together(lambda: stack.enter_context(own_out_dir(args.out_dir)), here=world.main)
-            stop = stack.enter_context(loop.StopFlag(world))
-            stack.enter_context(loop.process_settings(device, args.deterministic))
-            heap_reuse = stack.enter_context(heap)
-            Run(args, data, parts, checkpoint, device, precision, heap_reuse, world).run(stop)
-    return 0
+def prepare(read_command_line, world):
+    """Every input checked before anything is created: a bad dataset leaves no folder and no lock behind.
+    Each rank reads its own command line, checkpoint, device and data (its machine's copies); a failure
+    anywhere stops every rank. Under torchrun rank 0 owns the folder, and each machine's first process
+    downloads the data while the others wait."""
+    # Read once connected: a bad flag on one machine stops every process, not that machine's alone.
+    args, given = world.together(read_command_line)
+    args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
+    check_same_settings(world, args, checkpoint)  # before a download: --dataset may differ
+    world = distributed.on_device(world, device, precision)
+    world.together(lambda: check_new_run(args, checkpoint), here=world.main)
+    data = load_data(args, world)
+    check_same_data(world, data, checkpoint)  # then every rank decides alike below
+    if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
+        mismatch = CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
+                                   f"classes, but {args.dataset} has {len(data.classes)}")
+        mismatch.on_every_rank = True  # the same everywhere: check_same_data compared them
+        raise mismatch
+    return args, checkpoint, device, precision, world, data, split_data(data, args, world)
 
 
 def settle(args, given, world):
@@ -451,7 +499,8 @@ def own_out_dir(out_dir):
 
 
 class Run:
-    """The state of one training run and its two jobs: run an epoch, save what it produced."""
+    """What one training run holds besides its loop (train()): the loader, the trainer, the evaluation
+    images, its history and files; it evaluates an epoch, saves it, and ends the run cleanly."""
 
     def __init__(self, args, data, parts, checkpoint, device, precision, heap_reuse, world=distributed.World()):
         """parts: split_data's (train, val)."""
@@ -491,30 +540,21 @@ class Run:
         nodes = f"{world.nodes} node{'s' if world.nodes > 1 else ''}"
         processes = (f" x {world.size} processes on {nodes} ({world.backend}, {world.per_rank(args.batch_size)} "
                      f"images a step each)" if world.launched else "")
-        if len(self.history) < args.epochs:  # else run() says there is nothing to do
+        if len(self.history) < args.epochs:  # else say_done() says there is nothing to do
             print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
                   f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
                   f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
-    def epoch(self, epoch, stop):
-        """Train and evaluate one epoch; returns its log record and the test confusion matrix."""
-        args, trainer = self.args, self.trainer
-        self.sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        record = {"epoch": epoch, "lr": trainer.lr()}
-        bar = loop.show_progress(self.world)
-        record.update(loop.train_one_epoch(trainer, self.loader, epoch, args.epochs, stop, bar))
-        # Evaluation batches: each process's share of a training batch (the memory it has).
-        batch = self.world.per_rank(args.batch_size)
+    def evaluate(self, record, bar):
+        """The validation (with --val-split) and test loss and accuracy into `record`; returns the test
+        confusion matrix. Batches: each process's share of a training batch (the memory it has)."""
+        batch, epoch = self.world.per_rank(self.args.batch_size), record["epoch"]
         if self.val is not None:
-            val = loop.evaluate(trainer, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
+            val = loop.evaluate(self.trainer, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        test = loop.evaluate(trainer, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
+        test = loop.evaluate(self.trainer, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
         record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
-        if args.schedule == "plateau":
-            trainer.scheduler.step(record["val_acc"] if self.val is not None else record["train_loss"])
-        record["seconds"] = time.perf_counter() - start
-        return record, test["confusion"]
+        return test["confusion"]
 
     def files_written(self):
         """Wait for rank 0's write in progress; a failed write (a full disk) stops every rank, not rank 0
@@ -558,19 +598,16 @@ class Run:
                  f"appears when an epoch beats its {self.best_key} {100 * self.best['value']:.2f}%; until then "
                  f"gradcam.py can read {self.paths[LAST_NAME]}")
 
-    def run(self, stop):
-        args, paths = self.args, self.paths
+    @contextlib.contextmanager
+    def ending_cleanly(self):
+        """Around the epochs: a resumed folder is brought up to date first; every way out (the end, a NaN,
+        a stop, any other error) waits for the files in writing and says how to go on."""
+        paths = self.paths
         if self.history:
             self.world.together(self.catch_up_files, here=self.world.main)
         self.resumed = None  # its tensors are in the model and optimizer now
-        if len(self.history) >= args.epochs:
-            print(f"nothing to do: {args.resume} already holds all {args.epochs} epochs")
-            return
         try:
-            for epoch in range(len(self.history) + 1, args.epochs + 1):
-                record, confusion = self.epoch(epoch, stop)
-                self.save(record, confusion)
-                print(epoch_line(record, args.epochs, self.val is not None), flush=True)
+            yield
             self.files_written()
         except Diverged as error:
             done = self.files_written()
@@ -588,41 +625,18 @@ class Run:
                 self.writer.wait()
             augment.stop_workers(self.loader)
             raise
+
+    def say_done(self, stop, trained):
+        if not trained:
+            print(f"nothing to do: {self.args.resume} already holds all {self.args.epochs} epochs")
+            return
         if stop.signal is not None:
             print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
         summary = runfiles.summarize(self.history, self.best_key)
         print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
               f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
               f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
-              f"{', '.join(path for path in paths.values() if os.path.exists(path))}")
-
-
-# Errors that every rank meets at the same point (the same arguments, a shared decision): said once a machine.
-SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, distributed.ElsewhereFailed, distributed.DevicesDiffer)
-
-
-def main(argv=None):
-    world = distributed.world_from_environment()
-    try:
-        with distributed.quiet_unless(world.main):
-            return train(lambda: (parse_args(argv), flags_given(argv)), world)
-    except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse,
-            distributed.ElsewhereFailed) as error:
-        return report(world, error, "error: ", 2)
-    except Diverged as error:
-        return report(world, error, "stopped: ", 1)
-    except Stopped as error:
-        return report(world, error, "stopped ", 130)
-    except KeyboardInterrupt:  # before the run's own handler was installed
-        return report(world, "stopped before the first epoch; nothing was written", "", 130)
-    except runfiles.WriteFailed as error:
-        return report(world, error, "error: ", 1)
-
-
-def report(world, error, kind, code):
-    """One line on stderr (distributed.report_error); returns the exit code."""
-    distributed.report_error(world, "train.py", error, f"{kind}{error}", SAID_ONCE_A_MACHINE)
-    return code
+              f"{', '.join(path for path in self.paths.values() if os.path.exists(path))}")
 
 
 if __name__ == "__main__":
