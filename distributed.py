@@ -80,19 +80,16 @@ class World:
             totals.append(part if t.dim() else part[0])
         return totals
 
-    def same_everywhere(self, *values):
-        """Whether these integers are equal on every rank (a collective: every rank must call it)."""
-        lows, highs = self.spread(*values)
-        return lows == highs
-
-    def spread(self, *values):
-        """The smallest and the largest of each of these integers over the ranks, as two lists (a collective)."""
+    def differing(self, values):
+        """The entries of `values` (a dict of plain values: counts, flags, names) that differ between the
+        ranks, each with the values seen, as JSON text, sorted: {name: [value, ...]}. One exchange of the
+        dict (all_gather_object over gloo: CPU values, no GPU sync); every rank must call it."""
         if not self.launched:
-            return list(values), list(values)
-        low, high = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-        return low.tolist(), high.tolist()
+            return {}
+        everyone = [None] * self.size
+        torch.distributed.all_gather_object(everyone, values)
+        seen = {name: sorted({json.dumps(other.get(name), sort_keys=True) for other in everyone}) for name in values}
+        return {name: texts for name, texts in seen.items() if len(texts) > 1}
 
     def minimum(self, tensor):
         if self.launched:
@@ -233,10 +230,8 @@ def on_device(world, device, precision):
     # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
     # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
     # loss-scaled gradients with unscaled ones).
-    choices = (("cpu", "cuda"), devices.PRECISIONS)
-    lows, highs = world.spread(choices[0].index(device.type), choices[1].index(precision))
-    differ = [f"{names[low]} on some, {names[high]} on others" for names, low, high in zip(choices, lows, highs)
-              if low != high]
+    differ = [" on some, ".join(json.loads(text) for text in seen) + " on others"
+              for seen in world.differing({"device": device.type, "precision": precision}).values()]
     if differ:
         raise DevicesDiffer(f"the processes of this run chose different devices or precisions ({'; '.join(differ)}): "
                             f"give every machine the same kind of device, or --device and --precision explicitly")

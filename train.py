@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -452,9 +451,7 @@ def check_same_settings(world, args, checkpoint):
     """Each machine has its own command line and reads its own checkpoint (whose recipe it continues):
     another recipe (--lr, say) would train different models (each rank steps its own optimizer on the
     averaged gradients), another seed other shares of the images."""
-    settings = agreed_settings(args, checkpoint)
-    lows, highs = world.spread(*(zlib.crc32(json.dumps(value).encode()) for value in settings.values()))
-    differ = [name for name, low, high in zip(settings, lows, highs) if low != high]
+    differ = list(world.differing(agreed_settings(args, checkpoint)))
     if differ:
         same = "the same checkpoint and command line" if args.resume else "the same command line"
         raise UsageError(f"the processes of this run have different settings ({', '.join(differ)}): give every "
@@ -464,12 +461,15 @@ def check_same_settings(world, args, checkpoint):
 def check_same_data(world, data, checkpoint):
     """Each machine reads its own --data-dir and checkpoint: other image counts would make the ranks take
     different numbers of steps (and wait for each other forever)."""
-    resumed = (len(checkpoint["history"]), checkpoint["model_args"].get("num_classes") or 0) if checkpoint else (0, 0)
-    if not world.same_everywhere(len(data.train_labels), len(data.test_labels), len(data.classes), int(data.official),
-                                 *resumed):
-        raise UsageError("the processes of this run read different data or checkpoints (image counts, official "
-                         "files or resumed epochs differ): give every machine the same --data-dir contents and, "
-                         "with --resume, the same checkpoint")
+    differ = world.differing({
+        "training images": len(data.train_labels), "test images": len(data.test_labels),
+        "classes": data.classes, "official files": data.official,
+        "resumed epochs": len(checkpoint["history"]) if checkpoint else 0,
+        "the checkpoint's classes": checkpoint["model_args"].get("num_classes") if checkpoint else None})
+    if differ:
+        raise UsageError(f"the processes of this run read different data or checkpoints ({', '.join(differ)} "
+                         f"differ): give every machine the same --data-dir contents and, with --resume, the same "
+                         f"checkpoint")
 
 
 # Machine flags that every process must share all the same: --sync-bn changes the collectives of every

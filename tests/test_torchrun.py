@@ -155,7 +155,7 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
     assert all(node.returncode != 0 for node in nodes)
     said = said_by("train.py", errors)  # once a machine: on a cluster each machine's log has its own
     assert len(said) == 2 and all(text.startswith("error: the processes of this run read different data or "
-                                                  "checkpoints") for text in said), errors
+                                                  "checkpoints (training images differ)") for text in said), errors
     # torchrun's failure report shows the line too, not "To enable traceback see ...": it reads each
     # failed process's error file.
     # (At least one report: an agent whose rendezvous host has already gone may end without one.)
@@ -388,18 +388,18 @@ def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
     # bound to this rank's GPU. No GPU here: torch's new_group is replaced by a recorder.
     made, compared = [], []
     monkeypatch.setattr(torch.distributed, "new_group", lambda **options: made.append(options) or "nccl group")
-    monkeypatch.setattr(distributed.World, "spread", lambda self, *values: compared.append(values) or (values, values))
+    monkeypatch.setattr(distributed.World, "differing", lambda self, values: compared.append(values) or {})
     launched = distributed.World(rank=1, local_rank=1, size=2, local_size=2, launched=True, backend="gloo")
     gpu = distributed.on_device(launched, torch.device("cuda", 1), "bf16")
     assert (gpu.backend, gpu.data) == ("nccl", "nccl group")
     assert made == [{"backend": "nccl", "device_id": torch.device("cuda", 1)}]
-    assert compared == [(1, devices.PRECISIONS.index("bf16"))]  # device type and precision agreed on first
+    assert compared == [{"device": "cuda", "precision": "bf16"}]  # device type and precision agreed on first
     assert distributed.on_device(launched, torch.device("cpu"), "fp32") is launched  # CPU processes: all on gloo
     assert distributed.on_device(distributed.World(), torch.device("cuda", 0), "bf16") == distributed.World()  # one process
     with pytest.raises(devices.DeviceError, match="not on mps"):
         distributed.on_device(launched, torch.device("mps"), "fp32")
-    bf16, fp16 = devices.PRECISIONS.index("bf16"), devices.PRECISIONS.index("fp16")
-    monkeypatch.setattr(distributed.World, "spread", lambda self, *values: ([1, bf16], [1, fp16]))  # a T4 beside an A100
+    monkeypatch.setattr(distributed.World, "differing",  # a T4 beside an A100
+                        lambda self, values: {"precision": ['"bf16"', '"fp16"']})
     with pytest.raises(distributed.DevicesDiffer, match=r"different devices or precisions \(bf16 on some, fp16 on others\)"):
         distributed.on_device(launched, torch.device("cuda", 1), "fp16")
     assert len(made) == 1
@@ -441,8 +441,11 @@ def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
         benchmark.measure_all_reduce(torch.device("cpu"), 1, world)
         assert len(used) == 2 + 3 + 3 and all(g is group for g in used)  # the device's tensors
         used.clear()
-        world.any(True), world.same_everywhere(1, 2), world.vote(False).result()
-        assert len(used) == 4 and all(g is None for g in used)  # decisions: CPU values, on the default gloo group
+        gather = torch.distributed.all_gather_object
+        monkeypatch.setattr(torch.distributed, "all_gather_object", lambda *objects, **options:
+                            used.append(options.get("group")) or gather(*objects, **options))
+        world.any(True), world.differing({"a": 1}), world.vote(False).result()
+        assert len(used) == 3 and all(g is None for g in used)  # decisions: CPU values, on the default gloo group
     finally:
         torch.distributed.destroy_process_group()
 
