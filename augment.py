@@ -429,7 +429,7 @@ def make_train_loader(images, labels, args, mean, device, workers, normalize_std
         mean, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip, normalize_std=normalize_std),
         shared=shared)
     sampler = SeededBatchSampler(len(dataset), args.batch_size, seed=args.seed, rank=world.rank,
-                                         world_size=world.size)
+                                 world_size=world.size)
     if 0 < prefetch < 4 and workers:
         note(f"/dev/shm is small: each DataLoader worker prepares {prefetch} batch(es) ahead instead of 4")
     loader = torch.utils.data.DataLoader(

@@ -330,8 +330,12 @@ def main(argv=None):
     except (UsageError, devices.DeviceError, distributed.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
         distributed.report_error(world, "benchmark.py", error, f"error: {error}",
-                            (UsageError, distributed.ElsewhereFailed, distributed.DevicesDiffer))
+                                 (UsageError, distributed.ElsewhereFailed, distributed.DevicesDiffer))
         return 2
+    except (loop.Stopped, KeyboardInterrupt) as error:  # Ctrl-C or SIGTERM during a timed row
+        distributed.report_error(world, "benchmark.py", error, "stopped; benchmark.json was not written",
+                                 (loop.Stopped, KeyboardInterrupt))
+        return 130
 
 
 if __name__ == "__main__":

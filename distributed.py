@@ -32,7 +32,8 @@ class World:
 
     Everything that differs between ranks is here, so that the loop reads like a single process's:
     `main` writes files and prints, the batch and the evaluation are split by `rank`, and the few
-    decisions that must be the same everywhere (stop, diverged, failed) go through `any`.
+    decisions that must be the same everywhere go through `vote` (stop), `count` (failed) and `differing`
+    (settings), small CPU values on the default gloo group.
     """
     rank: int = 0
     local_rank: int = 0
@@ -52,14 +53,6 @@ class World:
 
     def per_rank(self, batch_size):
         return batch_size // self.size
-
-    def any(self, flag):
-        """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
-        if not self.launched:
-            return bool(flag)
-        value = torch.tensor([int(bool(flag))])
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item())
 
     def vote(self, flag):
         """Start `any(flag)` without waiting for it: .result() gives it (every rank must call both)."""
@@ -88,7 +81,8 @@ class World:
             return {}
         everyone = [None] * self.size
         torch.distributed.all_gather_object(everyone, values)
-        seen = {name: sorted({json.dumps(other.get(name), sort_keys=True) for other in everyone}) for name in values}
+        names = list(values) + sorted(set().union(*everyone) - set(values))  # every rank judges the same names
+        seen = {name: sorted({json.dumps(other.get(name), sort_keys=True) for other in everyone}) for name in names}
         return {name: texts for name, texts in seen.items() if len(texts) > 1}
 
     def minimum(self, tensor):

@@ -26,7 +26,7 @@ import augment
 import cli
 import devices
 import files
-from resnet import CheckpointError, model_from_checkpoint, read_checkpoint
+from resnet import MODEL_FORMATS, CheckpointError, model_from_checkpoint, read_checkpoint
 
 METHODS = ("gradcam", "gradcam++")
 
@@ -250,7 +250,7 @@ def load_model(path, device):
     if not os.path.exists(path):
         raise UsageError(f"checkpoint {path} not found; train a model first (python train.py) "
                          f"or pass --checkpoint")
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, formats=MODEL_FORMATS)
     for key in ("model", "model_args", "classes", "mean", "std"):
         if key not in checkpoint:
             raise CheckpointError(f"{path} lacks '{key}': it cannot be explained")

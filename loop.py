@@ -33,11 +33,7 @@ RECIPES = {
                  "label_smoothing": 0.0, "schedule": "linear", "warmup": 0.2, "plateau_patience": 5,
                  "pad_crop": 4, "flip": True, "cutout": 12, "val_split": 0},
 }
-
-
 RECIPES["default"] = dict(RECIPES["airbench"], batch_size=512, lr=None, schedule="onecycle")
-
-
 RECIPES["seed"] = dict(RECIPES["default"], batch_size=64, lr=0.01, nesterov=False, weight_decay=0.0,
                        label_smoothing=0.0, schedule="plateau", pad_crop=0, cutout=0, val_split=5000)
 

@@ -18,8 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Written into every checkpoint; read_checkpoint refuses files without it.
+# Written into every checkpoint; read_checkpoint refuses files without it. Format 1 (earlier versions)
+# holds the same model, classes, mean and std, which is all gradcam.py reads: it accepts both.
 CHECKPOINT_FORMAT = "resnet18-cifar-checkpoint/2"
+MODEL_FORMATS = ("resnet18-cifar-checkpoint/1", CHECKPOINT_FORMAT)
 
 
 class BasicBlock(nn.Module):
@@ -79,8 +81,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, unsafe or not one of ours."""
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by train.py, safely (weights_only: no code in it can run).
+def read_checkpoint(path, map_location="cpu", formats=(CHECKPOINT_FORMAT,)):
+    """Load a checkpoint written by train.py in one of `formats`, safely (weights_only: no code in it can run).
 
     Raises CheckpointError with a one-line reason for anything else.
     """
@@ -101,10 +103,10 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__}); "
                               f"give a last.pt or best.pt that train.py wrote") from None
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/") and found != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was saved by another version of train.py (format {found}; this one reads "
-                              f"{CHECKPOINT_FORMAT}): start a new run, or use the version that wrote it")
-    if found != CHECKPOINT_FORMAT:
+    if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/") and found not in formats:
+        raise CheckpointError(f"{path} was saved by another version of train.py (format {found}; this reads "
+                              f"{' or '.join(formats)}): start a new run, or use the version that wrote it")
+    if found not in formats:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py "
                               f"(no '{CHECKPOINT_FORMAT}' format tag)")
     return checkpoint

@@ -2,7 +2,7 @@
 CIFAR-10's on-disk format (CPU only, no download). The other tests are in tests/, one file per job.
 
     python -m pytest test_smoke.py     # this alone: about a minute on 2 cores
-    python -m pytest -m "not slow"     # everything but the kill and torchrun tests
+    python -m pytest -m "not slow"     # all but the kill, torchrun and longest training tests
     python -m pytest                   # everything (what CI runs)
 """
 import json

@@ -268,7 +268,7 @@ def resolve_device(args, world=distributed.World()):
         raise devices.DeviceError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} "
                                   f"implementation); leave it out")
     if args.sync_bn and not world.launched:
-        cli.note("--sync-bn has no effect in a single process")
+        note("--sync-bn has no effect in a single process")
     if args.sync_bn and args.compile:
         print("warning: --sync-bn with --compile is slow: torch.compile cannot trace SyncBatchNorm (pytorch/pytorch"
               "#161302) and breaks each step at ResNet18's 20 BatchNorm layers, with a CPU-GPU sync at each; "
@@ -362,7 +362,8 @@ def args_for_resume(args, given):
     """Read --resume's checkpoint and merge: the recipe and the data's place from it, the machine from
     the command line; `given`: the flags the command line set."""
     checkpoint = read_checkpoint(args.resume)
-    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch", "args", "history"):
+    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch", "args", "history", "best", "confusion",
+                "model_args"):
         if key not in checkpoint:
             raise CheckpointError(f"{args.resume} lacks '{key}': it cannot be resumed")
     merged = dict(checkpoint["args"])
@@ -479,8 +480,8 @@ AGREED_MACHINE_FLAGS = ("sync_bn", "channels_last")
 
 def agreed_settings(args, checkpoint):
     """What every process must share, by the flag that sets it: the recipe (the seed too: it shuffles each
-    rank's share of the images), two machine flags, and a resumed run's history. The same names in the
-    same order on every rank, whatever its checkpoint holds: the parser's."""
+    rank's share of the images), two machine flags, and a resumed run's history. The same names on every
+    rank, whatever its checkpoint holds: the parser's."""
     options = {action.dest: action.option_strings[-1] for action in build_parser()._actions if action.option_strings}
     settings = {options[name]: getattr(args, name, None) for name in options
                 if name not in RUNTIME_FLAGS + ("help",) or name in AGREED_MACHINE_FLAGS}

@@ -56,8 +56,11 @@ def test_benchmark_bad_input(tmp_path, capsys):
 
 
 FAILING_BENCHMARK = """
-import sys, benchmark, loop
+import sys, torch, benchmark, loop
+train_one_epoch = loop.train_one_epoch
 def failing_epoch(trainer, loader, *args, **kwargs):
+    if not isinstance(loader, torch.utils.data.DataLoader):  # the step alone: no workers yet
+        return train_one_epoch(trainer, loader, *args, **kwargs)
     next(iter(loader))  # the loader's workers are running
     raise RuntimeError("CUDA out of memory (raised by the test)")
 loop.train_one_epoch = failing_epoch

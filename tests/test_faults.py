@@ -54,7 +54,8 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
             break
         process = start_training(resume if epoch_before else fresh, pause_in_write=None if where == "step" else where,
                                  wait_in_epoch=epoch_before + 1 if where == "step" else None)
-        # The process says when it is between two steps, or half-way through a write of that file, and waits there.
+        # The process says when it is between two steps, or inside a write of that file (the new version
+        # written, not yet in place), and waits there.
         said = "test: between steps" if where == "step" else f"test: inside a write of {where}"
         wait_for(lambda: process.stderr.readline().startswith(said), process)
         process.send_signal(how)

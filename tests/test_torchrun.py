@@ -178,8 +178,8 @@ def test_torchrun_nodes_given_different_settings_stop_in_one_line(data_dir, tmp_
 
 
 def test_the_settings_that_every_process_must_share_name_their_flags(trained_run):
-    # The same names in the same order on every rank (they are compared position by position), whatever
-    # the checkpoint holds; the machine's own flags are left out, but for the two that change what DDP does.
+    # The same names on every rank (World.differing compares them by name), whatever the checkpoint holds;
+    # the machine's own flags are left out, but for the two that change what DDP does.
     checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
     fresh = train.agreed_settings(train.parse_args([]), None)
     resumed_args, _ = train.args_for_resume(train.parse_args(["--resume", str(trained_run / "last.pt")]), {"resume"})
@@ -187,7 +187,7 @@ def test_the_settings_that_every_process_must_share_name_their_flags(trained_run
     assert list(resumed) == list(fresh)
     assert (resumed["--lr"], resumed["--epochs"], resumed["the checkpoint's history"]) == (
         checkpoint["args"]["lr"], checkpoint["args"]["epochs"], checkpoint["history"])  # the run's own, compared
-    assert all(json.dumps(value) for value in [*fresh.values(), *resumed.values()])  # each becomes a crc32
+    assert all(json.dumps(value) for value in [*fresh.values(), *resumed.values()])  # compared as JSON text
     assert {"--lr", "--seed", "--batch-size", "--epochs", "--no-nesterov", "--sync-bn", "--no-channels-last",
             "the checkpoint's history"} <= set(fresh)
     assert not {"--device", "--precision", "--workers", "--data-dir", "--out-dir", "--resume", "--help"} & set(fresh)
@@ -423,6 +423,16 @@ def test_the_model_is_wrapped_with_the_worlds_data_group():
         torch.distributed.destroy_process_group()
 
 
+def test_the_processes_agree_by_one_exchange_that_names_what_differs(monkeypatch):
+    elsewhere = {"classes": ("cat", "dog"), "--lr": 0.1, "--seed": 1, "only there": 1}  # another machine's
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
+                        lambda everyone, mine: everyone.__setitem__(slice(None), [mine, elsewhere]))
+    world = distributed.World(rank=0, size=2, local_size=2, launched=True)
+    here = {"classes": ["cat", "dog"], "--lr": 0.2, "--seed": 1, "history": None}
+    assert world.differing(here) == {"--lr": ["0.1", "0.2"], "only there": ["1", "null"]}
+    assert distributed.World().differing(here) == {}  # one process: nothing to compare
+
+
 def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
     # On GPUs the data group is NCCL's and the default group gloo, which would also take CUDA tensors, slowly,
     # through the host: so a collective that forgot its group would not fail there. It fails here.
@@ -444,7 +454,7 @@ def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
         gather = torch.distributed.all_gather_object
         monkeypatch.setattr(torch.distributed, "all_gather_object", lambda *objects, **options:
                             used.append(options.get("group")) or gather(*objects, **options))
-        world.any(True), world.differing({"a": 1}), world.vote(False).result()
+        world.count(True), world.differing({"a": 1}), world.vote(False).result()
         assert len(used) == 3 and all(g is None for g in used)  # decisions: CPU values, on the default gloo group
     finally:
         torch.distributed.destroy_process_group()

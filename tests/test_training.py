@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import augment
+import gradcam
 import loop
 import resnet
 import runfiles
 import train
 
-from helpers import CLASSES, error_lines, fp16_args, run_main, tiny_args
+from helpers import CLASSES, error_lines, fp16_args, run_main, save_test_images, tiny_args
 
 
 def test_training_writes_log_and_checkpoints(trained_run):
@@ -145,6 +146,9 @@ def test_log_records_the_peak_lr_and_an_older_checkpoint_is_refused(data_dir, tm
     capsys.readouterr()
     code, err = run_main(train, ["--resume", str(tmp_path / "old.pt"), "--device", "cpu", "--workers", "0"], capsys)
     assert code == 2 and "saved by another version of train.py" in err and len(error_lines(err)) == 1, err
+    image = save_test_images(tmp_path)[0]  # gradcam.py reads format 1 still: the same model, classes, mean, std
+    assert gradcam.main(["--image", image, "--layer", "layer4", "--checkpoint", str(tmp_path / "old.pt"),
+                         "--device", "cpu", "--out", str(tmp_path / "old_gradcam.png")]) == 0
 
 
 def test_a_recipe_in_one_word_and_flags_beside_it(trained_run):
