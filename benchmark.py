@@ -26,6 +26,7 @@ import devices
 import distributed
 import files
 import loop
+from cli import UsageError
 from resnet import resnet18
 
 import albumentations as A  # noqa: E402 - after augment, which stops it asking PyPI for updates on import
@@ -35,13 +36,9 @@ SEED_SETTINGS = {"batch_size": loop.RECIPES["seed"]["batch_size"], **loop.SEED_M
                  "compile": False}
 
 
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit code 2."""
-
-
 def build_parser():
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter, raises=UsageError)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
     parser.add_argument("--precision", choices=devices.PRECISIONS, default="auto",
                         help=f"autocast precision; {devices.PRECISION_HELP} (default: %(default)s)")
@@ -330,7 +327,7 @@ def main(argv=None):
     except (UsageError, devices.DeviceError, distributed.ElsewhereFailed) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
         distributed.report_error(world, "benchmark.py", error, f"error: {error}",
-                                 (UsageError, distributed.ElsewhereFailed, distributed.DevicesDiffer))
+                                 (UsageError, distributed.ElsewhereFailed, distributed.ProcessesDiffer))
         return 2
     except (loop.Stopped, KeyboardInterrupt) as error:  # Ctrl-C or SIGTERM during a timed row
         distributed.report_error(world, "benchmark.py", error, "stopped; benchmark.json was not written",

@@ -1,61 +1,69 @@
-"""Command-line plumbing that train.py, gradcam.py and plot_curves.py share. Standard library only on
-import (picture_format imports matplotlib when called): plot_curves.py must start fast, without torch.
-
-    parser = cli.Parser(description="...")       # argparse; a bad flag is one line and a hint to --help
-    parser = cli.Parser(raises=UsageError)        # the same line, raised as UsageError(line) instead
-    cli.picture_format("a.pdf", UsageError)       # "pdf", as matplotlib writes it; else UsageError(one line)
-    return cli.run_quietly_into_a_closed_pipe(work)   # `script | head -1` ends quietly
-
-Nothing happens on import.
+"""What the scripts share at their edges: one-line usage errors, pictures written atomically, quiet ends
+into closed pipes. Standard library only on import (matplotlib is imported when a picture is drawn):
+plot_curves.py must start fast, without torch. Nothing happens on import.
 """
 import argparse
+import io
 import os
 import sys
 
+import files
+
+
+class UsageError(Exception):
+    """Bad input: one line on stderr and exit code 2."""
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse, except that a bad command line gets one line, not the whole usage block first. With
-    `raises` (an exception class) that line is raised rather than printed: under torchrun a process
-    must not leave alone, silent, while its peers wait for it (train.py reads its command line once the
-    processes have connected, and every process stops with the line)."""
-
-    def __init__(self, *args, raises=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.raises = raises
+    """argparse, but a bad command line raises UsageError(one line) instead of printing the usage block and
+    exiting: under torchrun a process must not leave alone while its peers wait for it (train.py reads its
+    command line once the processes have connected, and every process stops with the line)."""
 
     def error(self, message):
-        text = f"{message} (see {self.prog} --help)"
-        if self.raises is not None:
-            raise self.raises(text)
-        self.exit(2, f"{self.prog}: error: {text}\n")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def picture_format(path, error):
-    """The picture format that the file name's extension names, as matplotlib writes it; otherwise
-    raise error(a one-line message) (each script's UsageError)."""
+def picture_format(path):
+    """The picture format that the file name's extension names, as matplotlib writes it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     supported = FigureCanvasAgg.get_supported_filetypes()
     extension = os.path.splitext(path)[1].lower().lstrip(".")
     if extension not in supported:
-        raise error(f"--out {path}: name a picture format by its extension: "
-                    f"{', '.join('.' + e for e in sorted(supported))}")
+        raise UsageError(f"--out {path}: name a picture format by its extension: "
+                         f"{', '.join('.' + e for e in sorted(supported))}")
     return extension
 
 
-def run_quietly_into_a_closed_pipe(work):
-    """Call work() and return its exit code; if the reader of stdout went away (`| head -1`), end quietly.
+def new_figure(figsize):
+    """A figure outside pyplot: pyplot would keep every figure until closed (main() in a notebook piled
+    them up), and choosing its backend here would change a notebook's."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize)
 
-    Scripts write their files before they print, so a closed pipe loses nothing.
-    """
+
+def write_file(path, data):
+    """Atomically (files.atomic_write): a reader sees the old file or the whole new one, never a part."""
     try:
-        code = work()
-        sys.stdout.flush()
-        return code
+        files.atomic_write(path, data)
+    except OSError as error:
+        raise UsageError(f"cannot write {path} ({error.strerror})") from None
+
+
+def save_figure(figure, path):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=picture_format(path), dpi=100)
+    write_file(path, buffer.getvalue())
+
+
+def print_lines(lines):
+    """Print and return exit code 0; if the reader of stdout went away (`| head -1`), end quietly. The
+    scripts write their files before they print, so a closed pipe loses nothing."""
+    try:
+        print("\n".join(lines), flush=True)
     except BrokenPipeError:
         # Python would report the broken pipe again when it flushes stdout at exit: point stdout at nothing.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def note(message):

@@ -210,26 +210,28 @@ def processes(world):
     torch.distributed.destroy_process_group()  # and every other group, NCCL's too
 
 
-class DevicesDiffer(devices.DeviceError):
-    """The ranks chose different device types or precisions: every rank meets it, said once a machine."""
+class ProcessesDiffer(Exception):
+    """The processes of a run differ in something they must share: every rank meets it, said once a machine."""
 
 
-def on_device(world, device, precision):
+def on_device(world, device, precision, shared=None):
     """`world` with its collectives on the device's tensors (gradients, evaluation sums, BatchNorm
     statistics) in a group of NCCL between GPUs; between CPU processes they stay on the default gloo group.
-    Every rank must call it, with its device checked (backend_for) and working."""
+
+    First the one exchange that checks what every process must share: the device type and precision
+    (--device auto and --precision auto decide per machine: a T4's fp16 beside an A100's bf16 would average
+    loss-scaled gradients with unscaled ones) and `shared`, the caller's settings by name. Every rank must
+    call it, with its device checked (backend_for) and working."""
     if not world.launched:
         return world
-    backend = backend_for(device.type)  # resolve_device checked it first, among the checks
-    # --device auto and --precision auto decide per machine: one whose CUDA is missing picks the CPU (its
-    # peers would wait for it in NCCL's connect), a T4 fp16 beside an A100's bf16 (DDP would average
-    # loss-scaled gradients with unscaled ones).
-    differ = [" on some, ".join(json.loads(text) for text in seen) + " on others"
-              for seen in world.differing({"device": device.type, "precision": precision}).values()]
+    differ = world.differing({"device": device.type, "precision": precision, **(shared or {})})
     if differ:
-        raise DevicesDiffer(f"the processes of this run chose different devices or precisions ({'; '.join(differ)}): "
-                            f"give every machine the same kind of device, or --device and --precision explicitly")
-    if backend == "gloo":
+        named = [f"{name} ({', '.join(str(json.loads(text)) for text in texts)})" if len("".join(texts)) < 40
+                 else name for name, texts in differ.items()]
+        raise ProcessesDiffer(f"the processes of this run differ in {', '.join(named)}: give every machine the same "
+                              f"command line, checkpoint and --data-dir contents, and the same kind of device (or "
+                              f"--device and --precision)")
+    if backend_for(device.type) == "gloo":
         return world
     # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
     return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))

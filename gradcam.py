@@ -25,14 +25,10 @@ import torch.nn.functional as F
 import augment
 import cli
 import devices
-import files
+from cli import UsageError
 from resnet import MODEL_FORMATS, CheckpointError, model_from_checkpoint, read_checkpoint
 
 METHODS = ("gradcam", "gradcam++")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -243,7 +239,7 @@ def check_args(args):
     if grid and len(args.layer) > 1:
         raise UsageError(f"{grid} draws one layer's maps: give one --layer (several work with --image)")
     if args.out is not None:
-        cli.picture_format(args.out, UsageError)
+        cli.picture_format(args.out)
 
 
 def load_model(path, device):
@@ -275,28 +271,6 @@ def model_input(images, checkpoint, device):
                              checkpoint["mean"], checkpoint["std"])
 
 
-def write_atomically(path, data):
-    """A reader sees the old file or the whole new one, never a part of a picture or an array."""
-    try:
-        files.atomic_write(path, data)
-    except OSError as error:
-        raise UsageError(f"cannot write {path} ({error.strerror})") from None
-
-
-def save_figure(figure, path):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=cli.picture_format(path, UsageError), dpi=100)
-    write_atomically(path, buffer.getvalue())
-
-
-def new_figure(rows, columns, **options):
-    """A figure outside pyplot: pyplot would keep every figure until closed (main() in a notebook piled
-    them up), and choosing its backend here would change a notebook's."""
-    from matplotlib.figure import Figure
-    figure = Figure(figsize=options.pop("figsize"))
-    return figure, figure.subplots(rows, columns, squeeze=False, **options)
-
-
 def top5_lines(name, probabilities, classes):
     top = torch.topk(probabilities, k=min(5, len(classes)))
     ranked = "  ".join(f"{i + 1}. {classes[c]} {100 * p:.2f}%" for i, (p, c) in
@@ -316,7 +290,7 @@ def explain_images(args, model, checkpoint, device):
     out = args.out or f"{os.path.splitext(args.image[0])[0]}_gradcam.png"
     rows = [(i, j) for i in range(len(originals)) for j in range(len(args.layer))]
     figure = image_figure(rows, args, originals, small, maps, targets, probabilities, classes)
-    save_figure(figure, out)
+    cli.save_figure(figure, out)
     lines = [top5_lines(path, p, classes) for path, p in zip(args.image, probabilities)]
     return maps, lines + [f"wrote {out}"]
 
@@ -333,7 +307,8 @@ def display_copy(image, longest=1024):
 
 
 def image_figure(rows, args, originals, small, maps, targets, probabilities, classes):
-    figure, axes = new_figure(len(rows), 4, figsize=(12, 3.3 * len(rows)))
+    figure = cli.new_figure((12, 3.3 * len(rows)))
+    axes = figure.subplots(len(rows), 4, squeeze=False)
     method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
     for row, (i, j) in zip(axes, rows):
         heatmap, original = maps[i, j], originals[i]
@@ -387,7 +362,7 @@ def explain_test_grid(args, model, checkpoint, device):
     kind = "misclassified" if args.misclassified else "correct"
     out = args.out or f"gradcam_{kind}.png"
     figure = grid_figure(images, maps, data.test_labels[chosen], predicted, data.classes, args, kind, data.official)
-    save_figure(figure, out)
+    cli.save_figure(figure, out)
     images_are = "test images" if data.official else "held-out images (not the official test set)"
     return maps[:, None], [f"wrote {out}: {len(chosen)} {kind} {images_are}, Grad-CAM of the predicted class "
                            f"at {args.layer[0]}"]
@@ -396,7 +371,8 @@ def explain_test_grid(args, model, checkpoint, device):
 def grid_figure(images, maps, truth, predicted, classes, args, kind, official=True):
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    figure, axes = new_figure(rows, columns, figsize=(2 * columns, 2.2 * rows))
+    figure = cli.new_figure((2 * columns, 2.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, heatmap, t, p in zip(axes.flat, images, maps, truth, predicted):
@@ -416,7 +392,7 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
 def save_maps(path, maps):
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(maps, dtype=np.float32))
-    write_atomically(path, buffer.getvalue())
+    cli.write_file(path, buffer.getvalue())
 
 
 def explain(args):
@@ -442,13 +418,12 @@ def explain(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        lines = explain(args)
+        lines = explain(build_parser().parse_args(argv))
     except (UsageError, CheckpointError, devices.DeviceError) as error:
         print(f"gradcam.py: error: {error}", file=sys.stderr)
         return 2
-    return cli.run_quietly_into_a_closed_pipe(lambda: print("\n".join(lines)) or 0)
+    return cli.print_lines(lines)
 
 
 if __name__ == "__main__":

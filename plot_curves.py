@@ -7,21 +7,16 @@ Several logs are overlaid in one picture, one colour per run. For a single finis
 shows its confusion matrix and per-class accuracy (--no-confusion skips it). A log of a run still in
 progress plots the epochs it has. Needs only the JSON log: no torch, it starts fast.
 """
-import io
 import json
 import math
 import os
 import sys
 
 import cli
-import files
+from cli import UsageError
 
 LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this (runfiles.py); a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 def build_parser():
@@ -119,15 +114,8 @@ def table(labels, summaries):
 
 # ----------------------------------------------------------------------------- pictures
 
-def new_figure(figsize):
-    """A figure outside pyplot: pyplot would keep every figure until closed (main() in a notebook piled
-    them up), and choosing its backend here would change a notebook's."""
-    from matplotlib.figure import Figure
-    return Figure(figsize=figsize)
-
-
 def curves_figure(logs, labels, summaries):
-    figure = new_figure((16, 4.6))
+    figure = cli.new_figure((16, 4.6))
     loss_axis, acc_axis, lr_axis = figure.subplots(1, 3)
     for index, (log, label, s) in enumerate(zip(logs, labels, summaries)):
         colour = f"C{index}"
@@ -175,7 +163,7 @@ def curves_figure(logs, labels, summaries):
 def confusion_figure(log, label):
     classes, matrix = log["classes"], log["confusion_matrix"]
     per_class = log["per_class_accuracy"]
-    figure = new_figure((14, 6))
+    figure = cli.new_figure((14, 6))
     matrix_axis, bar_axis = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
     image = matrix_axis.imshow(matrix, cmap="Blues")
     darkest = max(max(row) for row in matrix)
@@ -203,16 +191,6 @@ def confusion_figure(log, label):
     return figure
 
 
-def save_figure(figure, path):
-    """Atomically: a reader sees the old picture or the whole new one, never a part."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=cli.picture_format(path, UsageError), dpi=100)
-    try:
-        files.atomic_write(path, buffer.getvalue())
-    except OSError as error:
-        raise UsageError(f"cannot write {path} ({error.strerror}); choose another --out") from None
-
-
 def output_paths(args):
     first = os.path.splitext(args.logs[0])[0]
     curves = args.out or (f"{first}_curves.png" if len(args.logs) == 1 else
@@ -237,7 +215,7 @@ def plot(args):
     if args.labels is not None and len(args.labels) != len(args.logs):
         raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
     if args.out is not None:
-        cli.picture_format(args.out, UsageError)
+        cli.picture_format(args.out)
     logs = [read_log(path) for path in args.logs]
     labels = args.labels or default_labels(args.logs)
     for path, log in zip(args.logs, logs):
@@ -247,22 +225,21 @@ def plot(args):
                   f"run diverged there; those points are missing from the curves", file=sys.stderr)
     summaries = [summary(log) for log in logs]
     curves_path, confusion_path = output_paths(args)
-    save_figure(curves_figure(logs, labels, summaries), curves_path)
+    cli.save_figure(curves_figure(logs, labels, summaries), curves_path)
     lines = [table(labels, summaries), f"wrote {curves_path}"]
     if args.confusion and len(logs) == 1 and "confusion_matrix" in logs[0]:
-        save_figure(confusion_figure(logs[0], labels[0]), confusion_path)
+        cli.save_figure(confusion_figure(logs[0], labels[0]), confusion_path)
         lines.append(f"wrote {confusion_path}")
     return lines
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        lines = plot(args)
+        lines = plot(build_parser().parse_args(argv))
     except UsageError as error:
         print(f"plot_curves.py: error: {error}", file=sys.stderr)
         return 2
-    return cli.run_quietly_into_a_closed_pipe(lambda: print("\n".join(lines)) or 0)
+    return cli.print_lines(lines)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What a training run writes into its folder: log.json, last.pt and best.pt, their contents, and how.
-Defines things only: nothing happens on import.
+"""What a training run writes into its folder (log.json, last.pt and best.pt: their contents, and how), the
+folder itself, and how --resume reads a run back. Defines things only: nothing happens on import.
 
     checkpoint = runfiles.build_checkpoint(trainer, args, data, epoch, history, best)   # CPU tensors, plain values
     runfiles.save_epoch(paths, checkpoint, improved, log, resume_command)   # last.pt, best.pt, log.json
@@ -9,12 +9,14 @@ Defines things only: nothing happens on import.
 Checkpoints hold only tensors and plain values: torch.load(path, weights_only=True) reads them. Every file
 is written atomically (files.py): a kill or a full disk leaves the previous complete version.
 """
+import argparse
 import contextlib
 import errno
 import io
 import json
 import os
 import platform
+import sys
 import threading
 
 import numpy as np
@@ -22,9 +24,12 @@ import torch
 
 import devices
 import files
+from cli import UsageError
+from loop import SEED_MACHINE
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
 LOG_NAME, LAST_NAME, BEST_NAME = "log.json", "last.pt", "best.pt"
+LOCK_NAME = ".train.lock"  # held in the output folder while a run writes there
 LOG_FORMAT = "resnet18-cifar-log/1"
 
 
@@ -251,3 +256,85 @@ def log_on_disk_epochs(path, epochs):
         complete = log.get("format") == LOG_FORMAT and log["summary"] and (not done or "confusion_matrix" in log)
         return len(log["epochs"]) if complete else 0
     return 0
+
+
+# ----------------------------------------------------------------------------- the folder
+
+@contextlib.contextmanager
+def own_out_dir(out_dir):
+    """Create the output folder and hold its lock (files.RunLock); clear what a killed writer left."""
+    refusal = f"another train.py is running with output folder {out_dir}; wait for it or choose another --out-dir"
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            stack.enter_context(files.RunLock(out_dir, LOCK_NAME, refusal))  # its file: a first write there
+        except OSError as error:
+            raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another "
+                             f"--out-dir") from None
+        files.remove_stale_temp_files(out_dir, (LOG_NAME, LAST_NAME, BEST_NAME))
+        yield
+
+
+def check_new_run(args, checkpoint):
+    """A new run in a folder that holds another run's files would replace them: say so, and the ways out."""
+    out_dir = args.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
+    found = [name for name in (LOG_NAME, LAST_NAME, BEST_NAME) if os.path.exists(os.path.join(out_dir, name))]
+    if not found or args.overwrite or (checkpoint is not None and resumes_in_place(args.resume, out_dir)):
+        return
+    what, finished = ", ".join(found), False
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):
+        with open(os.path.join(out_dir, LOG_NAME)) as f:
+            log = json.load(f)
+        last = log["epochs"][-1]
+        what = (f"{len(log['epochs'])} of {log['args']['epochs']} epochs, test accuracy "
+                f"{100 * last['test_acc']:.2f}% at epoch {last['epoch']}")
+        finished = len(log["epochs"]) >= log["args"]["epochs"]
+    # A finished run has nothing left to resume: its --epochs are part of its recipe.
+    ways = "" if finished or LAST_NAME not in found else f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
+    raise UsageError(f"{out_dir}/ holds another {'finished ' if finished else ''}run ({what}); {ways}choose another "
+                     f"--out-dir, or give --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------- --resume
+
+# Flags that describe the machine rather than the recipe: --resume takes them from the command line (or
+# their defaults, resolved for this machine); an A100's bf16 run may go on in fp16 on a T4.
+MACHINE_FLAGS = ("device", "precision", "channels_last", "compile", "workers", "sync_bn", "resume", "out_dir",
+                 "overwrite")
+# Where the data are: kept from the checkpoint unless given, so that a resume finds the run's data.
+PLACE_FLAGS = ("data_dir", "download")
+RUNTIME_FLAGS = MACHINE_FLAGS + PLACE_FLAGS
+
+
+def flags_given(parser, argv):
+    """The names of the flags that the command line sets (argparse fills in only what is missing)."""
+    unset = object()
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {name for name, value in vars(parsed).items() if value is not unset}
+
+
+def args_for_resume(args, given, defaults):
+    """Read --resume's checkpoint and merge: the recipe and the data's place from it, the machine from
+    the command line; `given`: the flags the command line set; `defaults`: every flag's default."""
+    checkpoint = read_checkpoint(args.resume)
+    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch", "args", "history", "best", "confusion",
+                "model_args", "classes"):
+        if key not in checkpoint:
+            raise CheckpointError(f"{args.resume} lacks '{key}': it cannot be resumed")
+    merged = dict(checkpoint["args"])
+    ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in sorted(given)
+               if k not in RUNTIME_FLAGS and getattr(args, k) != merged.get(k)]
+    if ignored:
+        print(f"warning: ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}",
+              file=sys.stderr)
+    merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS if k in MACHINE_FLAGS or k in given or k not in merged})
+    if merged.get("recipe") == "seed":
+        # Its machine settings (fp32, NCHW) are part of the seed's setup: the run goes on with them unless given.
+        merged.update({k: v for k, v in SEED_MACHINE.items() if k not in given})
+    for name, default in defaults.items():
+        merged.setdefault(name, default)  # flags newer than the checkpoint
+    if args.out_dir is None:
+        merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
+    return argparse.Namespace(**merged), checkpoint

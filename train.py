@@ -16,7 +16,6 @@ train(), just below main(); the training step is in loop.train_one_epoch.
 """
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -32,38 +31,25 @@ import distributed
 import files
 import loop
 import runfiles
-from cli import note
+from cli import UsageError, note
 from loop import Diverged, Stopped
-from resnet import CheckpointError, read_checkpoint
-from runfiles import BEST_NAME, LAST_NAME, LOG_NAME
-
-LOCK_NAME = ".train.lock"  # held in the output folder while a run writes there
-# Flags that describe the machine rather than the recipe: --resume takes them from the command line (or
-# their defaults, resolved for this machine); an A100's bf16 run may go on in fp16 on a T4.
-MACHINE_FLAGS = ("device", "precision", "channels_last", "compile", "workers", "sync_bn", "resume", "out_dir",
-                 "overwrite")
-# Where the data are: kept from the checkpoint unless given, so that a resume finds the run's data.
-PLACE_FLAGS = ("data_dir", "download")
-RUNTIME_FLAGS = MACHINE_FLAGS + PLACE_FLAGS
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+from resnet import CheckpointError
+from runfiles import BEST_NAME, LAST_NAME, LOG_NAME, RUNTIME_FLAGS
 
 
 # ----------------------------------------------------------------------------- the run
 
 # Errors that every rank meets at the same point (the same arguments, a shared decision): said once a machine.
-SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, distributed.ElsewhereFailed, distributed.DevicesDiffer)
+SAID_ONCE_A_MACHINE = (UsageError, Diverged, Stopped, distributed.ElsewhereFailed, distributed.ProcessesDiffer)
 
 
 def main(argv=None):
     world = distributed.world_from_environment()
     try:
         with distributed.quiet_unless(world.main):
-            return train(lambda: (parse_args(argv), flags_given(argv)), world)
+            return train(lambda: (parse_args(argv), runfiles.flags_given(build_parser(), argv)), world)
     except (UsageError, CheckpointError, augment.DatasetError, devices.DeviceError, files.FolderInUse,
-            distributed.ElsewhereFailed) as error:
+            distributed.ElsewhereFailed, distributed.ProcessesDiffer) as error:
         return report(world, error, "error: ", 2)
     except Diverged as error:
         return report(world, error, "stopped: ", 1)
@@ -85,7 +71,7 @@ def train(read_command_line, world=distributed.World()):
         # Every process-wide setting goes back on leaving: main() may run inside a notebook or a test.
         heap = loop.freed_memory_kept_in_heap(device.type == "cpu")
         with contextlib.ExitStack() as stack:
-            world.together(lambda: stack.enter_context(own_out_dir(args.out_dir)), here=world.main)
+            world.together(lambda: stack.enter_context(runfiles.own_out_dir(args.out_dir)), here=world.main)
             stop = stack.enter_context(loop.StopFlag(world))
             stack.enter_context(loop.process_settings(device, args.deterministic))
             run = Run(args, data, parts, checkpoint, device, precision, stack.enter_context(heap), world)
@@ -120,7 +106,7 @@ EPILOG = "examples:\n" + __doc__.split("\n\n")[1]
 
 def parse_args(argv=None):
     """The command line, with the defaults of the --recipe it names."""
-    recipe_only = cli.Parser(prog=os.path.basename(__file__), add_help=False, raises=UsageError)
+    recipe_only = cli.Parser(prog=os.path.basename(__file__), add_help=False)
     recipe_only.add_argument("--recipe", choices=sorted(loop.RECIPES), default="default")
     recipe = recipe_only.parse_known_args(argv)[0].recipe
     return build_parser(recipe).parse_args(argv)
@@ -128,7 +114,7 @@ def parse_args(argv=None):
 
 def build_parser(recipe="default"):
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter, raises=UsageError)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(loop.RECIPES), default="default",
                         help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as "
                              "published) or seed (the project this started from, with a validation split); "
@@ -219,27 +205,17 @@ def build_parser(recipe="default"):
 
 def check_args(args, world=distributed.World()):
     """Raise UsageError for values no run can use (with `world`'s processes)."""
-    positive = {"epochs": args.epochs, "batch-size": args.batch_size}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name} must be at least 1 (got {value})")
-    non_negative = {"train-subset": args.train_subset, "test-subset": args.test_subset,
-                    "val-split": args.val_split, "seed": args.seed,
-                    "pad-crop": args.pad_crop, "cutout": args.cutout, "weight-decay": args.weight_decay,
-                    "plateau-patience": args.plateau_patience}
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UsageError(f"--{name} must not be negative (got {value})")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must not be negative (got {args.workers})")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be positive (got {args.lr})")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})")
-    if not 0 < args.warmup < 1:
-        raise UsageError(f"--warmup must be between 0 and 1 (got {args.warmup})")
-    if args.cutout > 32:
-        raise UsageError(f"--cutout must be at most 32 pixels (got {args.cutout})")
+    rules = ((("epochs", "batch_size"), lambda v: v >= 1, "must be at least 1"),
+             (("train_subset", "test_subset", "val_split", "seed", "pad_crop", "cutout", "weight_decay",
+               "plateau_patience", "workers"), lambda v: v is None or v >= 0, "must not be negative"),
+             (("lr",), lambda v: v is None or v > 0, "must be positive"),
+             (("label_smoothing",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+             (("warmup",), lambda v: 0 < v < 1, "must be between 0 and 1"),
+             (("cutout",), lambda v: v <= 32, "must be at most 32 pixels"))
+    for names, allowed, rule in rules:
+        for name in names:
+            if not allowed(getattr(args, name)):
+                raise UsageError(f"--{name.replace('_', '-')} {rule} (got {getattr(args, name)})")
     if args.batch_size % world.size:
         raise UsageError(batch_not_divisible(args, world.size))
 
@@ -310,79 +286,6 @@ def test_data(data, args):
     return data.test_images[chosen], data.test_labels[chosen]
 
 
-# ----------------------------------------------------------------------------- files
-
-def check_out_dir(out_dir):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
-
-
-def refuse_to_replace_another_run(out_dir):
-    """A new run in a folder that holds another run's files would replace them: say so, and the ways out."""
-    found = [name for name in (LOG_NAME, LAST_NAME, BEST_NAME) if os.path.exists(os.path.join(out_dir, name))]
-    if not found:
-        return
-    what, finished = ", ".join(found), False
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):
-        with open(os.path.join(out_dir, LOG_NAME)) as f:
-            log = json.load(f)
-        last = log["epochs"][-1]
-        what = (f"{len(log['epochs'])} of {log['args']['epochs']} epochs, test accuracy "
-                f"{100 * last['test_acc']:.2f}% at epoch {last['epoch']}")
-        finished = len(log["epochs"]) >= log["args"]["epochs"]
-    # A finished run has nothing left to resume: its --epochs are part of its recipe.
-    ways = "" if finished or LAST_NAME not in found else f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
-    raise UsageError(f"{out_dir}/ holds another {'finished ' if finished else ''}run ({what}); {ways}choose another "
-                     f"--out-dir, or give --overwrite to replace it")
-
-
-def prepare_out_dir(out_dir):
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); "
-                         f"choose another --out-dir") from None
-
-
-# ----------------------------------------------------------------------------- resume
-
-def flags_given(argv):
-    """The names of the flags that the command line sets (argparse fills in only what is missing)."""
-    names = vars(build_parser().parse_args([]))
-    unset = object()
-    parsed = build_parser().parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
-    return {name for name, value in vars(parsed).items() if value is not unset}
-
-
-def args_for_resume(args, given):
-    """Read --resume's checkpoint and merge: the recipe and the data's place from it, the machine from
-    the command line; `given`: the flags the command line set."""
-    checkpoint = read_checkpoint(args.resume)
-    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch", "args", "history", "best", "confusion",
-                "model_args"):
-        if key not in checkpoint:
-            raise CheckpointError(f"{args.resume} lacks '{key}': it cannot be resumed")
-    merged = dict(checkpoint["args"])
-    ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in sorted(given)
-               if k not in RUNTIME_FLAGS and getattr(args, k) != merged.get(k)]
-    if ignored:
-        print(f"warning: ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}",
-              file=sys.stderr)
-    merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS if k in MACHINE_FLAGS or k in given or k not in merged})
-    if merged.get("recipe") == "seed":
-        # Its machine settings (fp32, NCHW) are part of the seed's setup: the run goes on with them unless given.
-        merged.update({k: v for k, v in loop.SEED_MACHINE.items() if k not in given})
-    for name, default in vars(build_parser().parse_args([])).items():
-        merged.setdefault(name, default)  # flags newer than the checkpoint
-    if args.out_dir is None:
-        merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
-    return argparse.Namespace(**merged), checkpoint
-
-
 def epoch_line(record, epochs, has_val):
     val = f"  val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" if has_val else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  lr {record['lr']:.4g}  "
@@ -403,16 +306,14 @@ def prepare(read_command_line, world):
     # Read once connected: a bad flag on one machine stops every process, not that machine's alone.
     args, given = world.together(read_command_line)
     args, checkpoint, device, precision = world.together(lambda: settle(args, given, world))
-    check_same_settings(world, args, checkpoint)  # before a download: --dataset may differ
-    world = distributed.on_device(world, device, precision)
-    world.together(lambda: check_new_run(args, checkpoint), here=world.main)
+    world.together(lambda: runfiles.check_new_run(args, checkpoint), here=world.main)
     data = load_data(args, world)
-    check_same_data(world, data, checkpoint)  # then every rank decides alike below
-    if checkpoint is not None and checkpoint["model_args"].get("num_classes") != len(data.classes):
-        mismatch = CheckpointError(f"{args.resume} is for {checkpoint['model_args'].get('num_classes')} "
-                                   f"classes, but {args.dataset} has {len(data.classes)}")
-        mismatch.on_every_rank = True  # the same everywhere: check_same_data compared them
-        raise mismatch
+    world = distributed.on_device(world, device, precision, agreed_settings(args, checkpoint, data))
+    if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
+        # The same on every rank (compared just above): said once a machine.
+        raise UsageError(f"{args.resume} was trained on other classes than those in {args.data_dir} "
+                         f"({len(checkpoint['classes'])}: {', '.join(checkpoint['classes'][:3])}, ... against "
+                         f"{len(data.classes)}: {', '.join(data.classes[:3])}, ...); resume it with the run's data")
     return args, checkpoint, device, precision, world, data, split_data(data, args, world)
 
 
@@ -421,7 +322,8 @@ def settle(args, given, world):
     rank's device and precision."""
     checkpoint = None
     if args.resume:
-        args, checkpoint = args_for_resume(args, given)
+        defaults = vars(build_parser().parse_args([]))
+        args, checkpoint = runfiles.args_for_resume(args, given, defaults)
     check_args(args, world)
     # The peak lr as a number in log.json and the checkpoint: "default" names other values in other versions.
     args.lr = loop.derived_lr(args)
@@ -429,12 +331,6 @@ def settle(args, given, world):
     args.out_dir = args.out_dir or "."
     args.data_dir = os.path.abspath(args.data_dir)  # saved in the checkpoint: a resume from any folder finds it
     return args, checkpoint, device, precision
-
-
-def check_new_run(args, checkpoint):
-    check_out_dir(args.out_dir)
-    if not args.overwrite and not (checkpoint is not None and runfiles.resumes_in_place(args.resume, args.out_dir)):
-        refuse_to_replace_another_run(args.out_dir)
 
 
 def load_data(args, world):
@@ -448,55 +344,23 @@ def load_data(args, world):
     return next(data for data in loaded if data is not None)
 
 
-def check_same_settings(world, args, checkpoint):
-    """Each machine has its own command line and reads its own checkpoint (whose recipe it continues):
-    another recipe (--lr, say) would train different models (each rank steps its own optimizer on the
-    averaged gradients), another seed other shares of the images."""
-    differ = list(world.differing(agreed_settings(args, checkpoint)))
-    if differ:
-        same = "the same checkpoint and command line" if args.resume else "the same command line"
-        raise UsageError(f"the processes of this run have different settings ({', '.join(differ)}): give every "
-                         f"machine {same}")
-
-
-def check_same_data(world, data, checkpoint):
-    """Each machine reads its own --data-dir and checkpoint: other image counts would make the ranks take
-    different numbers of steps (and wait for each other forever)."""
-    differ = world.differing({
-        "training images": len(data.train_labels), "test images": len(data.test_labels),
-        "classes": data.classes, "official files": data.official,
-        "resumed epochs": len(checkpoint["history"]) if checkpoint else 0,
-        "the checkpoint's classes": checkpoint["model_args"].get("num_classes") if checkpoint else None})
-    if differ:
-        raise UsageError(f"the processes of this run read different data or checkpoints ({', '.join(differ)} "
-                         f"differ): give every machine the same --data-dir contents and, with --resume, the same "
-                         f"checkpoint")
-
-
 # Machine flags that every process must share all the same: --sync-bn changes the collectives of every
 # forward, --no-channels-last the parameters' layout (DDP compares their strides).
 AGREED_MACHINE_FLAGS = ("sync_bn", "channels_last")
 
 
-def agreed_settings(args, checkpoint):
-    """What every process must share, by the flag that sets it: the recipe (the seed too: it shuffles each
-    rank's share of the images), two machine flags, and a resumed run's history. The same names on every
+def agreed_settings(args, checkpoint, data):
+    """What every process must share, by name: the recipe by the flag that sets it (the seed too: it
+    shuffles each rank's share of the images), two machine flags, a resumed run's history, and the data
+    (other image counts would make the ranks take different numbers of steps). The same names on every
     rank, whatever its checkpoint holds: the parser's."""
     options = {action.dest: action.option_strings[-1] for action in build_parser()._actions if action.option_strings}
     settings = {options[name]: getattr(args, name, None) for name in options
                 if name not in RUNTIME_FLAGS + ("help",) or name in AGREED_MACHINE_FLAGS}
-    settings["the checkpoint's history"] = checkpoint["history"] if checkpoint else None
-    return settings
-
-
-@contextlib.contextmanager
-def own_out_dir(out_dir):
-    """Create the output folder and hold its lock; clear what a killed writer left."""
-    prepare_out_dir(out_dir)
-    refusal = f"another train.py is running with output folder {out_dir}; wait for it or choose another --out-dir"
-    with files.RunLock(out_dir, LOCK_NAME, refusal):
-        files.remove_stale_temp_files(out_dir, (LOG_NAME, LAST_NAME, BEST_NAME))
-        yield
+    return {**settings, "the checkpoint's history": checkpoint["history"] if checkpoint else None,
+            "the checkpoint's classes": checkpoint["classes"] if checkpoint else None,
+            "training images": len(data.train_labels), "test images": len(data.test_labels),
+            "classes": data.classes, "official files": data.official}
 
 
 class Run:

@@ -448,10 +448,11 @@ def test_a_seed_recipe_run_resumes_in_its_own_precision_and_layout(trained_run, 
     checkpoint["args"]["recipe"] = "seed"
     path = tmp_path / "seed.pt"
     torch.save(checkpoint, path)
-    resumed, _ = train.args_for_resume(train.parse_args(["--resume", str(path)]), {"resume"})
+    defaults = vars(train.parse_args([]))
+    resumed, _ = runfiles.args_for_resume(train.parse_args(["--resume", str(path)]), {"resume"}, defaults)
     assert (resumed.precision, resumed.channels_last) == ("fp32", False)
     given = train.parse_args(["--resume", str(path), "--precision", "bf16"])
-    assert train.args_for_resume(given, {"resume", "precision"})[0].precision == "bf16"  # given: kept
+    assert runfiles.args_for_resume(given, {"resume", "precision"}, defaults)[0].precision == "bf16"  # given: kept
 
 
 def test_the_cpus_name_counts_in_words(monkeypatch):

@@ -75,11 +75,11 @@ def test_resume_rejects_corrupt_foreign_and_mismatched_checkpoints(data_dir, tra
     torch.save({"state_dict": {}}, foreign)
     other_classes = tmp_path / "cifar100.pt"
     checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
-    checkpoint["model_args"] = {"num_classes": 100}
+    checkpoint["model_args"], checkpoint["classes"] = {"num_classes": 100}, [f"class {i}" for i in range(100)]
     torch.save(checkpoint, other_classes)
     for path, message in [*((path, "is corrupt") for path in damaged),
                           (foreign, "not a checkpoint written by train.py"),
-                          (other_classes, "is for 100 classes")]:
+                          (other_classes, "trained on other classes")]:
         code, err = run_main(train, ["--resume", str(path), "--data-dir", data_dir, "--device", "cpu",
                                      "--workers", "0", "--out-dir", str(tmp_path / "out")], capsys)
         assert code == 2 and message in err and len(error_lines(err)) == 1, err

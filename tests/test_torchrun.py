@@ -18,6 +18,7 @@ import devices
 import distributed
 import loop
 import resnet
+import runfiles
 import train
 
 from helpers import (assert_files_consistent, coloured_images, error_lines, interrupt_after_epoch, one_cycle_lrs,
@@ -154,12 +155,12 @@ def test_torchrun_nodes_with_different_data_stop_in_one_line(data_dir, tmp_path)
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
     said = said_by("train.py", errors)  # once a machine: on a cluster each machine's log has its own
-    assert len(said) == 2 and all(text.startswith("error: the processes of this run read different data or "
-                                                  "checkpoints (training images differ)") for text in said), errors
+    assert len(said) == 2 and all(text.startswith("error: the processes of this run differ in training images (")
+                                  for text in said), errors
     # torchrun's failure report shows the line too, not "To enable traceback see ...": it reads each
     # failed process's error file.
     # (At least one report: an agent whose rendezvous host has already gone may end without one.)
-    assert re.search(r"traceback : train.py( \(rank 1\))?: error: the processes of this run read different", errors), errors
+    assert re.search(r"traceback : train.py( \(rank 1\))?: error: the processes of this run differ in", errors), errors
     assert not (tmp_path / "run").exists()  # stopped before anything was created
 
 
@@ -172,8 +173,8 @@ def test_torchrun_nodes_given_different_settings_stop_in_one_line(data_dir, tmp_
                        for lr, seed in (("0.1", "0"), ("0.2", "1"))])
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
-    assert said_by("train.py", errors) == ["error: the processes of this run have different settings (--lr, --seed): "
-                                           "give every machine the same command line"] * 2, errors
+    said = said_by("train.py", errors)
+    assert len(said) == 2 and all("differ in --lr (0.1, 0.2), --seed (0, 1):" in text for text in said), errors
     assert not (tmp_path / "run").exists()
 
 
@@ -181,15 +182,18 @@ def test_the_settings_that_every_process_must_share_name_their_flags(trained_run
     # The same names on every rank (World.differing compares them by name), whatever the checkpoint holds;
     # the machine's own flags are left out, but for the two that change what DDP does.
     checkpoint = torch.load(trained_run / "last.pt", weights_only=True)
-    fresh = train.agreed_settings(train.parse_args([]), None)
-    resumed_args, _ = train.args_for_resume(train.parse_args(["--resume", str(trained_run / "last.pt")]), {"resume"})
-    resumed = train.agreed_settings(resumed_args, checkpoint)
+    data = augment.load_dataset("cifar10", checkpoint["args"]["data_dir"], download=False)
+    fresh = train.agreed_settings(train.parse_args([]), None, data)
+    defaults = vars(train.parse_args([]))
+    resumed_args, _ = runfiles.args_for_resume(train.parse_args(["--resume", str(trained_run / "last.pt")]),
+                                               {"resume"}, defaults)
+    resumed = train.agreed_settings(resumed_args, checkpoint, data)
     assert list(resumed) == list(fresh)
     assert (resumed["--lr"], resumed["--epochs"], resumed["the checkpoint's history"]) == (
         checkpoint["args"]["lr"], checkpoint["args"]["epochs"], checkpoint["history"])  # the run's own, compared
     assert all(json.dumps(value) for value in [*fresh.values(), *resumed.values()])  # compared as JSON text
     assert {"--lr", "--seed", "--batch-size", "--epochs", "--no-nesterov", "--sync-bn", "--no-channels-last",
-            "the checkpoint's history"} <= set(fresh)
+            "the checkpoint's history", "training images", "classes"} <= set(fresh)
     assert not {"--device", "--precision", "--workers", "--data-dir", "--out-dir", "--resume", "--help"} & set(fresh)
 
 
@@ -228,9 +232,8 @@ def test_nodes_with_different_precisions_stop_in_one_line(data_dir, tmp_path):
     nodes = two_nodes([tiny_args(data_dir, tmp_path / "run", "--precision", precision) for precision in ("bf16", "fp32")])
     errors = stderr_when_ended(nodes)
     assert all(node.returncode != 0 for node in nodes)
-    assert said_by("train.py", errors) == ["error: the processes of this run chose different devices or precisions "
-                                           "(bf16 on some, fp32 on others): give every machine the same kind of "
-                                           "device, or --device and --precision explicitly"] * 2, errors
+    said = said_by("train.py", errors)
+    assert len(said) == 2 and all("differ in precision (bf16, fp32):" in text for text in said), errors
     assert not (tmp_path / "run").exists()
 
 
@@ -403,7 +406,7 @@ def test_gpus_connect_their_own_nccl_group_only_after_the_checks(monkeypatch):
         distributed.on_device(launched, torch.device("mps"), "fp32")
     monkeypatch.setattr(distributed.World, "differing",  # a T4 beside an A100
                         lambda self, values: {"precision": ['"bf16"', '"fp16"']})
-    with pytest.raises(distributed.DevicesDiffer, match=r"different devices or precisions \(bf16 on some, fp16 on others\)"):
+    with pytest.raises(distributed.ProcessesDiffer, match=r"differ in precision \(bf16, fp16\)"):
         distributed.on_device(launched, torch.device("cuda", 1), "fp16")
     assert len(made) == 1
 
