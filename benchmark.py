@@ -98,7 +98,7 @@ def measure_pipeline(args, device, workers, batches, world, normalize_in_workers
     loader, sampler = world.together(lambda: augment.make_train_loader(
         images, labels, args, augment.CIFAR10_MEAN, device, workers,
         augment.CIFAR10_STD if normalize_in_workers else None, world=world))
-    non_blocking, synchronize = devices.copy_non_blocking(loader.pin_memory), devices.synchronizer(device.type)
+    non_blocking, synchronize = loader.pin_memory, getattr(torch, device.type).synchronize
 
     def one_pass(epoch):
         sampler.set_epoch(epoch)
@@ -168,7 +168,7 @@ def measure_all_reduce(device, steps, world):
     """Seconds for one all-reduce of the gradients' bytes (ResNet18's 11.2 million float32 values) alone.
     DistributedDataParallel overlaps it with the backward pass in 25 MB buckets: this is its full cost."""
     flat = torch.zeros(sum(p.numel() for p in resnet18().parameters()), device=device)
-    synchronize = devices.synchronizer(device.type)
+    synchronize = getattr(torch, device.type).synchronize
     for _ in range(2):
         torch.distributed.all_reduce(flat, group=world.data)
     synchronize()
@@ -305,7 +305,7 @@ def benchmark(read_command_line, world):
         device, precision = world.together(lambda: settle(args, world))  # a failure on one machine stops all
         world = distributed.on_device(world, device, precision)
         workers = augment.default_workers(world.local_size) if args.workers is None else args.workers
-        with loop.process_settings(device, args.deterministic):
+        with devices.applied(devices.backend_settings(device.type, args.deterministic)):
             result = measure_all(args, device, precision, workers, world)
     if world.main:
         print(benchmark_table(result))

@@ -266,29 +266,9 @@ def fused_optimizer(device_type):
     return device_type == "cuda"
 
 
-def uses_grad_scaler(precision):
-    """fp16's narrow range needs the loss scaled up so that small gradients survive; bf16 and fp32 don't."""
-    return precision == "fp16"
-
-
 def pin_memory(device_type):
     """Page-locked host batches let the copy to a CUDA GPU run asynchronously; elsewhere they cost only."""
     return device_type == "cuda"
-
-
-def copy_non_blocking(pinned):
-    """A non-blocking copy is safe only from pinned memory: from pageable memory the copy may still be
-    reading when the batch is freed (MPS: pytorch issue 189690), and CUDA makes such copies blocking anyway."""
-    return pinned
-
-
-def synchronizer(device_type):
-    """What to call before reading a clock: GPU work is queued, so without it a timer measures queueing."""
-    return {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_type, _nothing)
-
-
-def _nothing():
-    pass
 
 
 def peak_resident_mib(ru_maxrss, platform_name=sys.platform):
@@ -298,92 +278,65 @@ def peak_resident_mib(ru_maxrss, platform_name=sys.platform):
 
 def backend_settings(device_type, deterministic):
     """The process-wide switches a run wants, by name (see SETTINGS); `applied` restores them afterwards."""
-    settings = {"deterministic_algorithms": deterministic}
+    settings = {"deterministic_algorithms": (deterministic, False)}
     if deterministic:
         # cuBLAS is deterministic only with a fixed workspace (CUDA docs, "Reproducibility").
         settings.update(cublas_workspace_config=":4096:8", cudnn_benchmark=False)
     if device_type == "cuda":
         # Fixed input shapes: cuDNN's autotuner finds the fastest kernels once. TF32 matters only for
         # fp32 work (the fp32 path, and the parts autocast leaves in fp32) on Ampere and newer.
-        settings.update(matmul_tf32=True, cudnn_tf32=True)
-        if not deterministic:
-            settings["cudnn_benchmark"] = True
+        settings.update(matmul_tf32=True, cudnn_tf32=True, cudnn_benchmark=not deterministic)
     return settings
-
-
-def _environment_variable(name):
-    def get():
-        return os.environ.get(name)
-
-    def set_(value):
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    return get, set_
 
 
 def _attribute(owner, name):
     return (lambda: getattr(owner, name)), (lambda value: setattr(owner, name, value))
 
 
-def _deterministic():
-    def get():
-        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-
-    def set_(value):
-        enabled, warn_only = value if isinstance(value, tuple) else (value, False)
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    return get, set_
+def _set_environment(name, value):
+    os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
 
-# name -> (read, write) of every process-wide switch that backend_settings may change.
+# name -> (read, write) of every process-wide switch that backend_settings may change, then of the newer
+# precision API that the TF32 flags change behind the scenes: `applied` puts them all back, in this order.
+# Last: once allow_tf32 was written, torch.get_float32_matmul_precision() raises ("mix of the legacy and
+# new APIs") until it is set again; a notebook's "medium" would otherwise be broken by a run.
 SETTINGS = {
-    "deterministic_algorithms": _deterministic(),
-    "cublas_workspace_config": _environment_variable("CUBLAS_WORKSPACE_CONFIG"),
+    "deterministic_algorithms": (
+        lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+        lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1])),
+    "cublas_workspace_config": (lambda: os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                                lambda value: _set_environment("CUBLAS_WORKSPACE_CONFIG", value)),
     "cudnn_benchmark": _attribute(torch.backends.cudnn, "benchmark"),
     "matmul_tf32": _attribute(torch.backends.cuda.matmul, "allow_tf32"),
     "cudnn_tf32": _attribute(torch.backends.cudnn, "allow_tf32"),
 }
-# The newer API behind the TF32 flags: setting allow_tf32 changes these, so they are put back too (last).
 PRECISION_SETTINGS = {
     "matmul_fp32_precision": _attribute(torch.backends.cuda.matmul, "fp32_precision"),
     "cudnn_conv_fp32_precision": _attribute(torch.backends.cudnn.conv, "fp32_precision"),
     "cudnn_rnn_fp32_precision": _attribute(torch.backends.cudnn.rnn, "fp32_precision"),
-    # Last: after allow_tf32 was written, torch.get_float32_matmul_precision() raises ("mix of the legacy
-    # and new APIs") until this sets it again; a notebook's "medium" would otherwise be broken by a run.
     "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
 }
-
-
-def _read(table, names):
-    """The current values of `names`; one that cannot be read is left out. Once a program has used the
-    newer fp32_precision API, torch refuses to read the legacy allow_tf32 flags: the program chose its
-    own precision, and the run leaves it alone."""
-    values = {}
-    for name in names:
-        try:
-            values[name] = table[name][0]()
-        except RuntimeError:
-            pass
-    return values
 
 
 @contextlib.contextmanager
 def applied(settings):
     """Apply process-wide settings inside the block and put back what was there on leaving: a run may
-    live inside a notebook or a test, which must not inherit them."""
-    before = _read(SETTINGS, settings)
-    precisions = _read(PRECISION_SETTINGS, PRECISION_SETTINGS)
+    live inside a notebook or a test, which must not inherit them. A value that cannot be read is left
+    alone: once a program has used the newer fp32_precision API, torch refuses to read the legacy
+    allow_tf32 flags; the program chose its own precision."""
+    before = {}
+    for name, (read, _) in [*((name, SETTINGS[name]) for name in settings), *PRECISION_SETTINGS.items()]:
+        with contextlib.suppress(RuntimeError):
+            before[name] = read()
     try:
-        for name in before:
-            SETTINGS[name][1](settings[name])
+        for name in settings:
+            if name in before:
+                SETTINGS[name][1](settings[name])
         yield
     finally:
         for name, value in before.items():
-            SETTINGS[name][1](value)
-        for name, value in precisions.items():
-            PRECISION_SETTINGS[name][1](value)
+            {**SETTINGS, **PRECISION_SETTINGS}[name][1](value)
 
 
 def dataset_in_shared_memory(start_method):

@@ -1,10 +1,10 @@
-"""Everything torchrun: the processes of a run, how they connect, agree and stop together, and how an
-error is said once. With one process (no torchrun) every call here is a no-op or a plain local value, so
-the rest of the code reads like single-process code. It defines things and does nothing on import.
+"""Everything torchrun: the processes of a run, how they connect, agree, stop together and say an error
+once. With one process every call here is a no-op or a plain local value, so the rest of the code reads
+like single-process code. Nothing happens on import.
 
     world = distributed.world_from_environment()        # one process, or torchrun's RANK/WORLD_SIZE
     with distributed.processes(world) as world:         # connected over gloo (a no-op for one process)
-        world = distributed.on_device(world, device, precision)   # NCCL's group between GPUs
+        world = distributed.on_device(world, device, precision, shared)  # agreed; NCCL between GPUs
 """
 import contextlib
 import dataclasses
@@ -26,22 +26,23 @@ class ElsewhereFailed(Exception):
     """Another process of the run failed (and said why); this one stops too."""
 
 
+class ProcessesDiffer(Exception):
+    """The processes of a run differ in something they must share: every rank meets it, said once a machine."""
+
+
 @dataclasses.dataclass
 class World:
     """The processes of one run: a single one, or those torchrun started (RANK, LOCAL_RANK, WORLD_SIZE).
-
-    Everything that differs between ranks is here, so that the loop reads like a single process's:
-    `main` writes files and prints, the batch and the evaluation are split by `rank`, and the few
-    decisions that must be the same everywhere go through `vote` (stop), `count` (failed) and `differing`
-    (settings), small CPU values on the default gloo group.
-    """
+    The decisions that must be the same everywhere go through `vote` (stop), `count` (failed) and
+    `differing` (settings): small CPU values on the default gloo group; the device's tensors go through
+    `data`, NCCL's group between GPUs (None: the default group)."""
     rank: int = 0
     local_rank: int = 0
     size: int = 1
     local_size: int = 1
     launched: bool = False  # by torchrun: the process group is (to be) started
-    backend: str = None  # of the collectives on the device's tensors: nccl between GPUs (from on_device), gloo
-    data: object = None  # their group: NCCL's own between GPUs; None (the default, gloo) between CPUs
+    backend: str = None  # of the device's collectives: nccl between GPUs (from on_device), else gloo
+    data: object = None
 
     @property
     def main(self):
@@ -55,14 +56,22 @@ class World:
         return batch_size // self.size
 
     def vote(self, flag):
-        """Start `any(flag)` without waiting for it: .result() gives it (every rank must call both)."""
+        """Start `any(flag)` over the ranks without waiting: the result's .wait() gives it."""
         value = torch.tensor([int(bool(flag))])
         work = torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, async_op=True)
-        return Vote(work, value)
+        return work.get_future().then(lambda _: bool(value.item()))
+
+    def count(self, flag):
+        """On how many ranks `flag` is true (every rank must call it)."""
+        if not self.launched:
+            return int(bool(flag))
+        value = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(value)
+        return int(value.item())
 
     def add_up(self, *tensors):
-        """The tensors' values (as Python numbers and lists) summed over the ranks, in one collective;
-        counts stay exact (float64 up to 2**53). A single process just reads them (a sync point)."""
+        """The tensors' values (as Python numbers and lists) summed over the ranks in one collective, exact
+        for counts (float64 up to 2**53). A single process just reads them (a sync point)."""
         if not self.launched:
             return [t.tolist() for t in tensors]
         packed = torch.cat([t.reshape(-1).double() for t in tensors])
@@ -73,10 +82,14 @@ class World:
             totals.append(part if t.dim() else part[0])
         return totals
 
+    def minimum(self, tensor):
+        if self.launched:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.data)
+        return tensor
+
     def differing(self, values):
-        """The entries of `values` (a dict of plain values: counts, flags, names) that differ between the
-        ranks, each with the values seen, as JSON text, sorted: {name: [value, ...]}. One exchange of the
-        dict (all_gather_object over gloo: CPU values, no GPU sync); every rank must call it."""
+        """The entries of `values` (a dict of plain values) that differ between the ranks, each with the
+        values seen as sorted JSON texts: {name: [text, ...]}. One all_gather_object; every rank must call it."""
         if not self.launched:
             return {}
         everyone = [None] * self.size
@@ -85,33 +98,20 @@ class World:
         seen = {name: sorted({json.dumps(other.get(name), sort_keys=True) for other in everyone}) for name in names}
         return {name: texts for name, texts in seen.items() if len(texts) > 1}
 
-    def minimum(self, tensor):
-        if self.launched:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.data)
-        return tensor
-
-    def count(self, flag):
-        """On how many ranks `flag` is true (a collective: every rank must call it)."""
-        if not self.launched:
-            return int(bool(flag))
-        value = torch.tensor([int(bool(flag))])
-        torch.distributed.all_reduce(value)
-        return int(value.item())
-
     def together(self, job, here=True):
-        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: each failing
-        one with its own error (marked `on_every_rank` when every rank failed, so that it is said once a
-        machine: said_here), the others with ElsewhereFailed. No rank waits forever for one that left."""
+        """Run `job` (on this rank if `here`); if it failed on any rank, every rank stops: each failing one
+        with its own error (`on_every_rank` when all failed: said once a machine), the others with
+        ElsewhereFailed. No rank waits forever for one that left."""
         result, error = None, None
         try:
             result = job() if here else None
         except Exception as raised:  # noqa: BLE001 - handed on below, after the ranks have agreed
             error = raised
-            error.met_at = time.time()  # for torchrun's report: before the others can know of it (report_error)
+            error.met_at = time.time()  # for torchrun's report (report_error)
         failed = self.count(error is not None)
         if failed and error is None:
             elsewhere = ElsewhereFailed("another process of this run failed (its message says why)")
-            elsewhere.met_at = time.time()  # after the count, which the failing rank joined after meeting its error
+            elsewhere.met_at = time.time()  # after the count, which the failing rank joined after its error
             raise elsewhere
         if failed:
             error.on_every_rank = failed == self.size
@@ -119,20 +119,18 @@ class World:
         return result
 
     def wrap(self, model, device):
-        """DistributedDataParallel around `model` under torchrun: it all-reduces the gradients during
-        backward and broadcasts rank 0's BatchNorm statistics at each training forward."""
+        """DistributedDataParallel under torchrun: it all-reduces the gradients during backward and
+        broadcasts rank 0's BatchNorm statistics at each training forward (not with SyncBatchNorm)."""
         if not self.launched:
             return model
-        # SyncBatchNorm keeps the statistics equal everywhere: broadcasting them each forward would be wasted.
         synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
         for module in synced:
             module.process_group = self.data  # not the default group's gloo: it would copy through the host
         # torch 2.13 renamed broadcast_buffers (deprecated there, with a warning) to forward_sync_buffers.
         ddp = nn.parallel.DistributedDataParallel
-        sync_keyword = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                        else "broadcast_buffers")
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
         return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.data,
-                   **{sync_keyword: not synced})
+                   **{sync: not synced})
 
     def share_buffers(self, model):
         """Rank 0's BatchNorm statistics everywhere: each rank's last training step updated its own."""
@@ -152,16 +150,6 @@ class World:
         return {"world_size": self.size, "nodes": self.nodes, "backend": self.backend}
 
 
-@dataclasses.dataclass
-class Vote:
-    work: object
-    value: torch.Tensor
-
-    def result(self):
-        self.work.wait()
-        return bool(self.value.item())
-
-
 def world_from_environment(environ=None):
     """The World that torchrun's variables describe, or a single process without them."""
     environ = os.environ if environ is None else environ
@@ -174,24 +162,17 @@ def world_from_environment(environ=None):
 
 def backend_for(device_type):
     """nccl between GPUs, gloo between CPU processes; MPS has no collective backend."""
-    if device_type == "cuda":
-        return "nccl"
-    if device_type == "cpu":
-        return "gloo"
-    raise devices.DeviceError(f"torchrun runs on CUDA GPUs (nccl) or on the CPU (gloo), not on {device_type}; "
-                              f"give --device cpu, or run without torchrun")
+    if device_type not in ("cuda", "cpu"):
+        raise devices.DeviceError(f"torchrun runs on CUDA GPUs (nccl) or on the CPU (gloo), not on {device_type}; "
+                                  f"give --device cpu, or run without torchrun")
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
 @contextlib.contextmanager
 def processes(world):
-    """Connect the processes of a torchrun launch (a no-op for one process) and disconnect them on leaving.
-
-    They connect over gloo, before anything that may fail on one machine only (its GPU, its copy of the
-    checkpoint or the data), so that every check can go through World.together: such a failure stops
-    every rank with one line instead of leaving the others waiting for it until a timeout. Stop and
-    failure decisions stay on this group (small CPU values, no GPU sync); the GPUs' own group comes from
-    on_device, once every rank's device is known to work.
-    """
+    """Connect a torchrun launch's processes over gloo (a no-op for one process), before anything that may
+    fail on one machine only (its GPU, its checkpoint or data), so that every check can go through
+    World.together: such a failure stops every rank in one line instead of leaving the others waiting."""
     if not world.launched:
         yield world
         return
@@ -201,27 +182,19 @@ def processes(world):
     except RuntimeError:
         raise  # a collective failed: a peer may be gone, and tearing down would wait for it
     except BaseException:
-        # Every rank may have a line to say or to leave in torchrun's error file, after this: torchrun sends
-        # SIGTERM to the processes still running as soon as one has ended, which another, meeting the same
-        # end with nothing to say, may do first (torchrun's SIGKILL comes 30 s later).
+        # Every rank may still have a line to say: torchrun sends SIGTERM to the processes still running as
+        # soon as one has ended, which another, meeting the same end, may do first (its SIGKILL: 30 s later).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        torch.distributed.destroy_process_group()  # every rank met the same end (a stop, a shared error)
+        torch.distributed.destroy_process_group()
         raise
     torch.distributed.destroy_process_group()  # and every other group, NCCL's too
 
 
-class ProcessesDiffer(Exception):
-    """The processes of a run differ in something they must share: every rank meets it, said once a machine."""
-
-
 def on_device(world, device, precision, shared=None):
-    """`world` with its collectives on the device's tensors (gradients, evaluation sums, BatchNorm
-    statistics) in a group of NCCL between GPUs; between CPU processes they stay on the default gloo group.
-
-    First the one exchange that checks what every process must share: the device type and precision
-    (--device auto and --precision auto decide per machine: a T4's fp16 beside an A100's bf16 would average
-    loss-scaled gradients with unscaled ones) and `shared`, the caller's settings by name. Every rank must
-    call it, with its device checked (backend_for) and working."""
+    """`world` after the one exchange that checks what every process must share: the device type and
+    precision (--device auto and --precision auto decide per machine: a T4's fp16 beside an A100's bf16
+    would average loss-scaled gradients with unscaled ones) and `shared`, the caller's settings by name.
+    Its device's tensors then go through NCCL's own group between GPUs (gloo's default group on CPUs)."""
     if not world.launched:
         return world
     differ = world.differing({"device": device.type, "precision": precision, **(shared or {})})
@@ -237,27 +210,20 @@ def on_device(world, device, precision, shared=None):
     return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))
 
 
-def said_here(world, error, alike_everywhere):
-    """Whether this rank prints `error`: for what every rank met alike (an error of the kinds
-    `alike_everywhere`, or one that every rank met in World.together) the first process of each machine
-    (rank 0 alone on one machine; on several, each machine's log gets the line), else each rank that met it."""
-    alike = getattr(error, "on_every_rank", isinstance(error, alike_everywhere))
-    return world.local_rank == 0 or not alike
-
-
 def report_error(world, script, error, text, alike_everywhere):
-    """`script: text` in one line on stderr (`script (rank N): text` from a rank other than 0), where
-    said_here says; under torchrun every failing process also leaves it in its error file, where
-    torchrun's failure report reads it: the report then shows the line instead of "To enable traceback
-    see ...", which would not help."""
+    """`script: text` in one line on stderr (`script (rank N): text` from a rank other than 0). What every
+    rank met alike (an error of the kinds `alike_everywhere`, or met by all in World.together) is said by
+    each machine's first process, anything else by each rank that met it. Under torchrun the line also
+    goes into the process's error file, so that torchrun's failure report shows it instead of "To enable
+    traceback see ..." (torch's own `record` would put a traceback there)."""
     line = f"{script}{f' (rank {world.rank})' if world.launched and not world.main else ''}: {text}"
-    if said_here(world, error, alike_everywhere):
+    if world.local_rank == 0 or not getattr(error, "on_every_rank", isinstance(error, alike_everywhere)):
         print(line, file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if world.launched else None
     if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
-        # torchrun's report names the earliest file its "Root Cause" (in whole seconds; a tie goes to the
-        # failure it noticed first): files are dated when the error was met, not when it is said (a rank
-        # may unwind longer), and a process that only says another one failed dates its file a second later.
+        # torchrun's report names the earliest file its "Root Cause" (in whole seconds; a tie goes to the one
+        # it noticed first): a file is dated when its error was met, and one that only says another process
+        # failed a second later.
         timestamp = int(getattr(error, "met_at", time.time())) + isinstance(error, ElsewhereFailed)
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(timestamp)}}}
         with contextlib.suppress(OSError):  # atomically: torchrun's agent fails on a half-written file

@@ -1,6 +1,5 @@
 """The training loop that train.py and benchmark.py share: the recipes, the model, optimiser and schedule,
-the optimisation step, one epoch, evaluation, and stopping on a signal. It defines things and does
-nothing on import.
+the step and the epoch (train_one_epoch), evaluation, and stopping on a signal. Nothing happens on import.
 
     trainer = loop.Trainer(model, args, precision, device, mean, std, steps_per_epoch, world)
     loop.train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled=True)
@@ -23,11 +22,11 @@ import distributed
 from cli import note
 from resnet import resnet18
 
-# The recipes that --recipe names. "airbench": the settings of airbench's ResNet-18 baseline as published
+# The recipes that --recipe names. "airbench": airbench's ResNet-18 baseline as published
 # (KellerJordan/cifar10-zoo, airbench/baselines/train_resnet18_94.py: 94.0% with flip TTA in 26 epochs).
 # "default": the same but for a batch that divides among 8 GPUs (512, the lr scaled with it) and PyTorch's
-# cosine one-cycle shape, chosen on the development split (README, Results). "seed": the project this started
-# from, with a validation split instead of the test set.
+# cosine one-cycle shape, chosen on the development split (README, Results). "seed": the project this
+# started from, with a validation split instead of the test set.
 RECIPES = {
     "airbench": {"batch_size": 500, "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                  "label_smoothing": 0.0, "schedule": "linear", "warmup": 0.2, "plateau_patience": 5,
@@ -36,10 +35,7 @@ RECIPES = {
 RECIPES["default"] = dict(RECIPES["airbench"], batch_size=512, lr=None, schedule="onecycle")
 RECIPES["seed"] = dict(RECIPES["default"], batch_size=64, lr=0.01, nesterov=False, weight_decay=0.0,
                        label_smoothing=0.0, schedule="plateau", pad_crop=0, cutout=0, val_split=5000)
-
-
-# What the seed project ran on besides its recipe (machine settings: not part of a recipe).
-SEED_MACHINE = {"precision": "fp32", "channels_last": False}
+SEED_MACHINE = {"precision": "fp32", "channels_last": False}  # what the seed ran on: not part of a recipe
 
 
 class Diverged(Exception):
@@ -56,75 +52,52 @@ def derived_lr(args):
 
 
 def resolve_device(device_name, precision, compile_model, world=distributed.World()):
-    """The device (under torchrun: this rank's GPU) and the precision it runs: 'auto' becomes bf16, fp16 or
-    fp32 (devices.py). Every problem found is a DeviceError: one line, and under torchrun it is this
-    machine's alone, so each rank that meets it says it."""
+    """The device (under torchrun: this rank's GPU) and the precision it runs (devices.py decides). Every
+    problem is a DeviceError: one line, said by each rank that meets it (it may be this machine's alone)."""
     try:
         device = devices.pick_device(device_name, world.local_rank if world.launched else None)
         facts = devices.read_facts(device)
     except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first call
         gpu = f" (GPU {world.local_rank})" if world.launched else ""
-        raise devices.DeviceError(f"--device {device_name}{gpu}: the device cannot be used "
-                                  f"({devices.first_line(error)}); check the GPU (nvidia-smi), or use --device cpu") from None
+        raise devices.DeviceError(f"--device {device_name}{gpu}: the device cannot be used ({devices.first_line(error)}); "
+                                  f"check the GPU (nvidia-smi), or use --device cpu") from None
     if world.launched:
         distributed.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
-    unsupported = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
-    if unsupported:
-        raise devices.DeviceError(unsupported)
+    problem = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
+    problem = problem or (devices.compile_problem(facts) if compile_model else None)
+    if problem:
+        raise devices.DeviceError(problem)
     devices.check_computes(device)
     chosen = devices.choose_precision(precision, facts)
     warning = devices.precision_warning(chosen, facts)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    problem = devices.compile_problem(facts) if compile_model else None
-    if problem:
-        raise devices.DeviceError(problem)
     return device, chosen
 
 
-def process_settings(device, deterministic):
-    """cuDNN autotuning, TF32, deterministic algorithms for this run, put back as they were afterwards."""
-    return devices.applied(devices.backend_settings(device.type, deterministic))
-
-
 def autocast(device, precision):
-    """The autocast context for a precision, or a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=precision != "fp32")
 
 
-# mallopt options from glibc's malloc.h, and the values glibc starts with.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's options (glibc's malloc.h), then their default values
 GLIBC_MALLOC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 
 
 def glibc():
-    """The C library through ctypes where it is glibc, else None (musl, macOS, Windows)."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
+    """The C library where it is glibc, else None (musl, macOS, Windows)."""
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 
 @contextlib.contextmanager
 def freed_memory_kept_in_heap(wanted):
-    """Inside the block, on glibc, every allocation comes from the heap and freed memory stays there;
-    yields whether that took effect.
-
-    A training step on the CPU frees and re-allocates activations of up to 64 MiB each. glibc serves
-    blocks that large with fresh mmap pages, which the kernel faults in and zeroes on every step: 4.7
-    million page faults per two steps at batch 512, measured on a 2-core EPYC; from the heap, 0.6 million
-    (the heap's first growth). `benchmark.py` measures the step both ways. PyTorch's CPU tuning guide gets
-    the same from jemalloc or tcmalloc through LD_PRELOAD; this needs no extra library. On leaving,
-    glibc's default values return and the kept memory goes back to the kernel: main() may run inside a
-    notebook or a test.
-    """
+    """Inside the block, on glibc, every allocation comes from the heap and freed memory stays there; yields
+    whether that took effect. A CPU training step frees and re-allocates activations of up to 64 MiB, which
+    glibc serves with fresh mmap pages that the kernel faults in and zeroes every step: 4.7 million page
+    faults per two steps at batch 512 on a 2-core EPYC, 0.6 million from the heap (benchmark.py measures the
+    step both ways). PyTorch's CPU tuning guide gets the same from jemalloc through LD_PRELOAD. On leaving,
+    glibc's defaults return and the memory goes back: main() may run inside a notebook or a test."""
     libc = glibc() if wanted else None
     applied = (libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
                and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)))
@@ -143,21 +116,12 @@ def build_model(num_classes, args, device):
     if getattr(args, "sync_bn", False):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same state_dict keys as BatchNorm2d
     model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
-def make_optimizer(model, args, device):
-    return torch.optim.SGD(model.parameters(), lr=derived_lr(args), momentum=args.momentum,
-                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay,
-                           fused=devices.fused_optimizer(device.type) or None)
-
-
-# Per-step schedules: PyTorch's OneCycleLR with two shapes. "onecycle": its defaults, cosine from peak/25 up
-# to the peak, then down to peak/250,000. "linear": airbench's triangle (KellerJordan/cifar10-zoo), straight
-# lines from peak/5 up to the peak and down towards 0, one step earlier than airbench's (whose last step
-# trains at peak/(0.8 x steps); here the last at peak/50,000 plus one step's decrement).
+# Per-step schedules: PyTorch's OneCycleLR in two shapes. "onecycle": its defaults, cosine from peak/25 up
+# to the peak, then down to peak/250,000. "linear": airbench's triangle, straight from peak/5 up to the peak
+# and down towards 0, one step earlier than airbench's (whose last step trains at peak/(0.8 x steps)).
 ONE_CYCLE_SHAPES = {"onecycle": {"anneal_strategy": "cos", "div_factor": 25.0, "final_div_factor": 1e4},
                     "linear": {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 1e4}}
 
@@ -165,9 +129,8 @@ ONE_CYCLE_SHAPES = {"onecycle": {"anneal_strategy": "cos", "div_factor": 25.0, "
 def make_scheduler(optimizer, args, steps_per_epoch):
     """onecycle and linear step every batch over the whole run; plateau steps once per epoch."""
     if args.schedule == "plateau":
-        mode = "max" if args.val_split else "min"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.1,
-                                                          patience=args.plateau_patience)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max" if args.val_split else "min",
+                                                          factor=0.1, patience=args.plateau_patience)
     total_steps = args.epochs * steps_per_epoch
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=derived_lr(args), total_steps=total_steps,
@@ -176,8 +139,7 @@ def make_scheduler(optimizer, args, steps_per_epoch):
 
 def warmup_fraction(warmup, total_steps):
     """OneCycleLR's pct_start for a warm-up of `warmup` of the steps. One step or less cannot climb:
-    OneCycleLR divides by zero at exactly one (5 steps at 0.2) and below it starts part-way down its
-    anneal; say so, and start at the peak in both cases."""
+    OneCycleLR divides by zero at exactly one and starts part-way down below it; say so, start at the peak."""
     if warmup * total_steps > 1:
         return warmup
     starts = ("the run starts at the peak lr" if total_steps > 1 else
@@ -188,13 +150,9 @@ def warmup_fraction(warmup, total_steps):
 
 
 class Trainer:
-    """What a training step uses: the model, its optimiser, schedule and grad scaler, the run's precision,
-    layout and loss, and the (compiled) forward functions. train_one_epoch takes the steps.
-
-    `model` is the plain model (what checkpoints save); training runs through DistributedDataParallel
-    under torchrun, evaluation through the plain model (each rank its own share of the batches, no
-    gradient all-reduce; rank 0's BatchNorm statistics before, and the counts added up after: evaluate).
-    """
+    """What a training step uses: the model, optimiser, schedule, grad scaler, precision, layout, loss and
+    the (compiled) forward functions. `model` is the plain model (what checkpoints save); training runs
+    through DistributedDataParallel under torchrun, evaluation through the plain model."""
 
     def __init__(self, model, args, precision, device, mean, std, steps_per_epoch, world=distributed.World()):
         self.model, self.device, self.precision, self.world = model, device, precision, world
@@ -202,10 +160,13 @@ class Trainer:
         self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
         self.channels_last = args.channels_last
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        self.optimizer = make_optimizer(model, args, device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=derived_lr(args), momentum=args.momentum,
+                                         nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay,
+                                         fused=devices.fused_optimizer(device.type) or None)
         self.scheduler = make_scheduler(self.optimizer, args, steps_per_epoch)
         self.per_step_schedule = args.schedule in ONE_CYCLE_SHAPES
-        self.scaler = torch.amp.GradScaler(device.type, enabled=devices.uses_grad_scaler(precision))
+        # fp16's narrow range needs the loss scaled up so that small gradients survive; bf16 and fp32 don't.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.compiled = args.compile
         compiled = torch.compile if args.compile else (lambda module: module)
         self.forward = compiled(model)
@@ -218,10 +179,8 @@ class Trainer:
         return augment.normalize(images, self.mean, self.std).contiguous(memory_format=layout)
 
     def step_schedule(self):
-        """The lr is a function of the step count, also for steps that the grad scaler skipped."""
-        if not self.scaler.is_enabled() or self.scheduler.last_epoch > 0:
-            return self.scheduler.step()  # only the scheduler's first step checks for an optimizer step
-        # A skipped first step makes the scheduler warn that it ran before optimizer.step(): by design here.
+        """The lr is a function of the step count, also for steps that the grad scaler skipped: a skipped
+        first step makes the scheduler warn that it ran before optimizer.step(), by design here."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
@@ -233,15 +192,14 @@ class Trainer:
 class StopFlag:
     """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal stops at once.
 
-    Under torchrun the ranks agree at every step (`requested`), so that all stop at the same step
-    boundary, whichever of them saw the signal first: none is left waiting in a collective. The vote is
-    cast one step ahead, so that its network round trip (a millisecond across machines) overlaps a step
+    Under torchrun the ranks agree at every step (`requested`), so that all stop at the same step boundary,
+    whichever saw the signal first. The vote is cast one step ahead, so that its round trip overlaps a step
     instead of stalling every one: a stop comes one step later than in a single process.
     """
 
     def __init__(self, world=distributed.World()):
         self.signal, self.world = None, world
-        self.pending = None  # under torchrun: the all-reduce of the flags of the step before
+        self.pending = None  # under torchrun: the vote of the step before
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -255,24 +213,23 @@ class StopFlag:
                 return
             raise KeyboardInterrupt
         self.signal = signum
-        when = ("after the next step, with every process" if self.world.launched else
-                "after the current step")
+        when = "after the next step, with every process" if self.world.launched else "after the current step"
         again = "" if self.world.launched else "; again to stop at once"
         print(f"\n{signal.Signals(signum).name} received: stopping {when} (once the last step is done, the run "
               f"finishes instead){again}", file=sys.stderr)
 
     def requested(self):
         """Whether to stop now. Under torchrun a collective: every rank must call it at every step; it
-        returns the ranks' vote of the step before and casts this step's (a one-integer gloo all-reduce)."""
+        returns the ranks' vote of the step before and casts this step's."""
         if not self.world.launched:
             return self.signal is not None
-        verdict = self.pending is not None and self.pending.result()
+        verdict = self.pending is not None and self.pending.wait()
         self.pending = self.world.vote(self.signal is not None)
         return verdict
 
     def __exit__(self, *exc):
         if self.pending is not None and exc[0] is None:
-            self.pending.result()  # every rank cast it: finish it before the process group ends
+            self.pending.wait()  # every rank cast it: finish it before the process group ends
         for s, handler in self.previous.items():
             # A stopping torchrun rank ignores the launcher's SIGTERM while it exits: the other ranks may
             # have exited a moment earlier, and its exit code (130) should still be its own.
@@ -281,22 +238,18 @@ class StopFlag:
 
 def progress_bar(iterable, total, description, enabled):
     from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=description, leave=False, disable=not enabled,
-                dynamic_ncols=True, unit="step")
-
-
-def show_progress(world=distributed.World()):
-    """Bars only for a person at a terminal, from rank 0: a redirected run gets one line per epoch."""
-    return world.main and sys.stdout.isatty() and sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=description, leave=False, disable=not enabled, dynamic_ncols=True,
+                unit="step")
 
 
 def train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled):
-    """One pass over the loader (batches of uint8 images and labels), a training step a batch. Running
-    sums stay on the device; they are read only when the bar refreshes (about twice a second) and at the
-    end, because .item() is a CPU-GPU sync point. Under torchrun the sums are all ranks' (one all-reduce
-    at the end)."""
+    """One pass over the loader (batches of uint8 images and labels), a training step a batch. The running
+    sums stay on the device and are read only when the bar refreshes (twice a second) and at the end:
+    .item() is a CPU-GPU sync point. Under torchrun they are all ranks' (one all-reduce at the end)."""
     t, device, world = trainer, trainer.device, trainer.world
-    non_blocking = devices.copy_non_blocking(getattr(loader, "pin_memory", False))
+    # Non-blocking only from pinned memory: from pageable memory the copy may still be reading when the
+    # batch is freed (MPS: pytorch issue 189690), and CUDA makes such copies blocking anyway.
+    non_blocking = getattr(loader, "pin_memory", False)
     t.model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -332,7 +285,7 @@ def train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled):
     bar.close()
     check_finite(world.minimum(first_bad_step), epoch, len(loader))
     loss_sum, correct, seen = world.add_up(loss_sum, correct, torch.tensor(seen, device=device))
-    devices.synchronizer(device.type)()  # queued GPU work belongs to this epoch's time
+    getattr(torch, device.type).synchronize()  # queued GPU work belongs to this epoch's time
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
             "train_seconds": seconds, "images_per_s": seen / seconds}
@@ -349,22 +302,19 @@ def check_finite(first_bad_step, epoch, steps):
 
 @torch.no_grad()
 def evaluate(trainer, images, labels, num_classes, batch_size, description="evaluating", bar_enabled=False):
-    """Loss, accuracy, accuracy with horizontal-flip test-time augmentation, and the confusion matrix.
+    """Loss (the training criterion, so that curves compare), accuracy, accuracy with horizontal-flip
+    test-time augmentation, and the confusion matrix of uint8 (N, 3, 32, 32) `images`.
 
-    `images` is a uint8 (N, 3, 32, 32) tensor; the loss is the training criterion, so curves compare.
     Under torchrun rank r evaluates batches r, r + size, ... with rank 0's BatchNorm statistics and the
-    counts are added up: every image goes through the same batch as in a single process's evaluation.
-    Batches of the training size need less memory than a training step. Batches of 1024 after training
-    at 512 added 0.5 GiB on the CPU (where freed memory stays in the heap) and ran no faster there.
-    A compiled model gets the ragged last batch padded to full size: one more shape would mean one more
-    compilation (10,000 test images = 19 x 512 + 272).
+    counts are added up: every image goes through the same batch as in one process. Batches of the training
+    size: 1024 after training at 512 added 0.5 GiB on the CPU and ran no faster. A compiled model gets the
+    ragged last batch padded to full size: another shape would compile again.
     """
     model, device, world = trainer.model, trainer.device, trainer.world
     world.share_buffers(model)
     model.eval()
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    correct_tta = torch.zeros((), device=device, dtype=torch.long)
+    correct, correct_tta = (torch.zeros((), device=device, dtype=torch.long) for _ in range(2))
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     starts = range(0, len(images), batch_size)[world.rank::world.size]
     for start in progress_bar(starts, len(starts), description, bar_enabled):

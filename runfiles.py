@@ -262,12 +262,12 @@ def log_on_disk_epochs(path, epochs):
 
 @contextlib.contextmanager
 def own_out_dir(out_dir):
-    """Create the output folder and hold its lock (files.RunLock); clear what a killed writer left."""
+    """Create the output folder and hold its lock (files.folder_lock); clear what a killed writer left."""
     refusal = f"another train.py is running with output folder {out_dir}; wait for it or choose another --out-dir"
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            stack.enter_context(files.RunLock(out_dir, LOCK_NAME, refusal))  # its file: a first write there
+            stack.enter_context(files.folder_lock(out_dir, LOCK_NAME, refusal))  # its file: a first write there
         except OSError as error:
             raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another "
                              f"--out-dir") from None

@@ -73,9 +73,11 @@ def train(read_command_line, world=distributed.World()):
         with contextlib.ExitStack() as stack:
             world.together(lambda: stack.enter_context(runfiles.own_out_dir(args.out_dir)), here=world.main)
             stop = stack.enter_context(loop.StopFlag(world))
-            stack.enter_context(loop.process_settings(device, args.deterministic))
+            stack.enter_context(devices.applied(devices.backend_settings(device.type, args.deterministic)))
             run = Run(args, data, parts, checkpoint, device, precision, stack.enter_context(heap), world)
-            trainer, bar, first = run.trainer, loop.show_progress(world), len(run.history) + 1
+            # Bars only for a person at a terminal, from rank 0: a redirected run gets one line per epoch.
+            bar = world.main and sys.stdout.isatty() and sys.stderr.isatty()
+            trainer, first = run.trainer, len(run.history) + 1
             with run.ending_cleanly():
                 for epoch in range(first, args.epochs + 1):
                     start = time.perf_counter()

@@ -220,14 +220,9 @@ def test_fp16_overflowing_steps_are_skipped_not_fatal(fp16_data_dir, tmp_path, m
     assert checkpoint["scheduler"]["last_epoch"] == 4  # the schedule counted the skipped steps
 
 
-def test_gpu_clocks_and_copies_by_device():
-    # A GPU queues work: its clock is read after a synchronize. MPS needs its own.
-    assert devices.synchronizer("cuda") is torch.cuda.synchronize
-    assert devices.synchronizer("mps") is torch.mps.synchronize
-    devices.synchronizer("cpu")()
+def test_only_cuda_pins_batches():
     # Non-blocking copies only from pinned memory, and only CUDA gets pinned batches.
     assert [devices.pin_memory(kind) for kind in ("cuda", "mps", "cpu")] == [True, False, False]
-    assert devices.copy_non_blocking(True) and not devices.copy_non_blocking(False)
     images, labels = coloured_images(64, 0)
     args = train.build_parser().parse_args(["--batch-size", "32"])
     loader, _ = augment.make_train_loader(images, labels, args, augment.CIFAR10_MEAN, torch.device("mps"), 0)
@@ -248,7 +243,7 @@ def test_gradcam_accepts_mps_and_says_when_absent(monkeypatch, capsys, tmp_path)
 def test_backend_settings_by_device():
     cuda = devices.backend_settings("cuda", deterministic=False)
     assert cuda["cudnn_benchmark"] and cuda["matmul_tf32"] and cuda["cudnn_tf32"]
-    assert not cuda["deterministic_algorithms"]
+    assert cuda["deterministic_algorithms"] == (False, False)
     exact = devices.backend_settings("cuda", deterministic=True)
     assert not exact["cudnn_benchmark"] and exact["cublas_workspace_config"] == ":4096:8"
     assert "cudnn_benchmark" not in devices.backend_settings("cpu", deterministic=False)

@@ -255,7 +255,8 @@ def test_balanced_subset_is_fixed_and_even():
 
 
 def test_evaluation_shows_a_progress_bar_at_a_terminal(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "show_progress", lambda world=None: True)
+    for stream in (sys.stdout, sys.stderr):  # capsys's
+        monkeypatch.setattr(stream, "isatty", lambda: True)
     assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0
     assert "epoch 1 test" in capsys.readouterr().err
 

@@ -199,7 +199,7 @@ def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, trained_run, tmp
 
 def test_second_run_on_the_same_folder_refuses(data_dir, tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import files, time; lock = files.RunLock({str(tmp_path)!r}, '.train.lock', 'busy'); lock.__enter__(); "
+        [sys.executable, "-c", f"import files, time; lock = files.folder_lock({str(tmp_path)!r}, '.train.lock', 'busy'); lock.__enter__(); "
                                f"print('locked', flush=True); time.sleep(60)"],
         cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -228,7 +228,7 @@ def test_the_lock_dies_with_its_process_not_with_its_workers(tmp_path):
     # A DataLoader worker is a fork of the training process: killed, the process must not leave the lock
     # to a worker that lives on for a few seconds (an flock would be shared with it, keeping a resume out).
     script = (f"import files, os, signal, sys, time\n"
-              f"lock = files.RunLock({str(tmp_path)!r}, '.train.lock', 'busy').__enter__()\n"
+              f"lock = files.folder_lock({str(tmp_path)!r}, '.train.lock', 'busy'); lock.__enter__()\n"
               f"if os.fork() == 0:\n"
               f"    print('worker', os.getpid(), flush=True); time.sleep(60); os._exit(0)\n"
               f"time.sleep(60)\n")
@@ -236,12 +236,12 @@ def test_the_lock_dies_with_its_process_not_with_its_workers(tmp_path):
     worker = int(holder.stdout.readline().split()[1])
     try:
         with pytest.raises(files.FolderInUse):
-            files.RunLock(str(tmp_path), ".train.lock", "busy").__enter__()
+            files.folder_lock(str(tmp_path), ".train.lock", "busy").__enter__()
         holder.kill()
         holder.wait()
         os.kill(worker, 0)  # the worker is still alive
-        lock = files.RunLock(str(tmp_path), ".train.lock", "busy").__enter__()
-        lock.__exit__(None, None, None)
+        with files.folder_lock(str(tmp_path), ".train.lock", "busy"):
+            pass
     finally:
         holder.kill()
         with contextlib.suppress(ProcessLookupError):

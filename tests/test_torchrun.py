@@ -460,7 +460,7 @@ def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
         gather = torch.distributed.all_gather_object
         monkeypatch.setattr(torch.distributed, "all_gather_object", lambda *objects, **options:
                             used.append(options.get("group")) or gather(*objects, **options))
-        world.count(True), world.differing({"a": 1}), world.vote(False).result()
+        world.count(True), world.differing({"a": 1}), world.vote(False).wait()
         assert len(used) == 3 and all(g is None for g in used)  # decisions: CPU values, on the default gloo group
     finally:
         torch.distributed.destroy_process_group()
