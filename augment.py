@@ -1,19 +1,15 @@
-"""CIFAR data: loading from CIFAR's on-disk format, its constants, albumentations augmentation, and the
-training loader (workers, seeded batches, shared memory).
+"""CIFAR data: reading CIFAR's on-disk format, albumentations augmentation, and the training loader.
 
-    from augment import load_dataset, train_transform, AugmentedImages, SeededBatchSampler
     data = load_dataset("cifar10", "./data", download=True)   # uint8 NHWC arrays + class names
     dataset = AugmentedImages(data.train_images, data.train_labels, train_transform(data.mean))
     loader = DataLoader(dataset, batch_sampler=SeededBatchSampler(len(dataset), 512, seed=0), num_workers=4)
 
-Images stay uint8 from disk to the device (4x fewer bytes than float32 through worker queues and the
-host-to-device copy); `normalize` turns a uint8 batch into the model's input on the device.
-
-Augmentation is a pure function of (seed, epoch, batch): SeededBatchSampler hands each batch its own
-seed and AugmentedImages re-seeds the transform with it. So every DataLoader worker draws its own stream
-(albumentations 2.0.8 copies one generator state into every worker, which would otherwise give them all
-the same augmentations), the same --seed gives the same augmentations whatever the worker count, and a
-resumed run draws what an uninterrupted one would have drawn.
+Images stay uint8 up to the device (4x fewer bytes than float32 through the workers and the copy), where
+`normalize` makes them the model's input. Augmentation is a pure function of (seed, epoch, batch): each
+batch brings its own seed and the transform is re-seeded with it. So every DataLoader worker draws its own
+stream (albumentations 2.0.8 copies one generator state into every worker, which would otherwise draw the
+same augmentations in all), whatever the worker count, and a resumed run draws what an uninterrupted one
+would have drawn.
 """
 import contextlib
 import hashlib
@@ -36,33 +32,31 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 import devices  # noqa: E402
 import distributed  # noqa: E402
-from cli import note  # noqa: E402
+from cli import UsageError, note  # noqa: E402
 
 # Per-channel statistics of the training images, in [0, 1] (airbench; the often-copied
 # CIFAR-10 std (0.2023, 0.1994, 0.2010) is wrong).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a CIFAR dataset lives and what its official files are (names and md5 from torchvision)."""
+    """A CIFAR dataset's official files: (name, md5) pairs, as torchvision.datasets lists them (a test
+    compares), its archive and the folder it extracts to inside --data-dir."""
     title: str
-    folder: str          # the extracted folder inside --data-dir
+    folder: str
     archive: str
     url: str
     archive_md5: str
-    train_files: tuple   # ((name, md5), ...)
+    train_files: tuple
     test_files: tuple
-    meta_file: tuple     # (name, md5)
+    meta_file: tuple
     class_names_key: str
     mean: tuple
     std: tuple
 
 
-# CIFAR-10's official files (torchvision.datasets.CIFAR10 holds the same names and checksums).
 CIFAR10 = DatasetSpec(
     title="CIFAR-10", folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -94,7 +88,8 @@ class DatasetError(Exception):
 
 @dataclass
 class ImageData:
-    """A dataset in memory: uint8 images (N, 32, 32, 3) and int64 labels (N,)."""
+    """A dataset in memory: uint8 images (N, 32, 32, 3), int64 labels (N,); `official`: every file matched
+    the official checksums."""
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
@@ -102,11 +97,7 @@ class ImageData:
     classes: list
     mean: tuple
     std: tuple
-    official: bool       # all files matched the official checksums
-
-
-def _warn(message):
-    print(f"warning: {message}", file=sys.stderr)
+    official: bool
 
 
 def _md5(path):
@@ -129,8 +120,7 @@ def _download(spec, data_dir):
     except Exception as error:  # URLError, HTTPError, socket errors, a bad archive: all end the same way
         if created:  # a failed first download leaves no empty (or half-filled) folder behind
             shutil.rmtree(data_dir, ignore_errors=True)
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise DatasetError(f"could not download {spec.title} ({reason}); {manual}") from None
+        raise DatasetError(f"could not download {spec.title} ({devices.first_line(error)}); {manual}") from None
 
 
 def _extract(spec, data_dir):
@@ -158,44 +148,34 @@ def _read_pickle(path, spec):
 
 
 def _read_batches(folder, files, spec):
-    """Concatenate CIFAR batch files into uint8 (N, 32, 32, 3) images and int64 labels."""
+    """CIFAR batch files -> uint8 (N, 32, 32, 3) images and int64 labels. Only CIFAR's layout is read: uint8
+    rows of 3072 values (1024 red, 1024 green, 1024 blue), or the same as (N, 3, 32, 32); anything else (HWC
+    images, floats in [0, 1]) would reshape without error into scrambled pictures."""
     images, labels = [], []
     for name, _ in files:
         path = os.path.join(folder, name)
         entry = _read_pickle(path, spec)
         try:
-            data, batch_labels = _batch_arrays(entry)
+            data, batch_labels = entry["data"], np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] in ((3072,), (3, 32, 32))):
+                found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+                raise ValueError(f"its 'data' is {found}, not CIFAR's uint8 rows of 3072 (CHW) values, (N, 3072)")
+            if batch_labels.ndim != 1 or (batch_labels.size and not np.issubdtype(batch_labels.dtype, np.integer)):
+                raise ValueError("its labels are not a list of integers")
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise DatasetError(f"{path} is not a CIFAR batch ({type(error).__name__}: {error})") from None
         if len(batch_labels) != len(data) or not len(data):
             raise DatasetError(f"{path} holds {len(data)} images and {len(batch_labels)} labels")
-        images.append(data.transpose(0, 2, 3, 1))  # CIFAR stores CHW rows; keep HWC as albumentations wants
-        labels.append(batch_labels)
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # HWC, as albumentations wants
+        labels.append(batch_labels.astype(np.int64))
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
-def _batch_arrays(entry):
-    """A batch's images as uint8 (N, 3, 32, 32) and labels as int64, from CIFAR's layout only: uint8 rows
-    of 3072 values (1024 red, 1024 green, 1024 blue), or the same as (N, 3, 32, 32). Anything else (HWC
-    images, floats in [0, 1]) would reshape without error into scrambled pictures."""
-    data = entry["data"]
-    labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] in ((3072,), (3, 32, 32))):
-        found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"its 'data' is {found}, not CIFAR's uint8 rows of 3072 (CHW) values, (N, 3072)")
-    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError("its labels are not a list of integers")
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
-
-
 def load_dataset(name, data_dir, download=True, test_only=False):
-    """Load CIFAR-10 or CIFAR-100 from `data_dir`, downloading it first if it is missing and allowed.
-
-    A folder whose files differ from the official ones (a re-encoded copy, a development split) still
-    loads, with a one-line warning, so that numbers from it are never mistaken for official ones; the
-    result's `official` says which. test_only: read (and check) only the test batch and the class names;
-    the training arrays come back empty.
-    """
+    """Load CIFAR-10 or CIFAR-100 from `data_dir`, downloading it first if it is missing and allowed. Files
+    that differ from the official ones (a development split) still load, with a warning, so that numbers
+    from them are never mistaken for official ones (`official` says which). test_only: the training
+    arrays come back empty."""
     spec = DATASETS[name]
     folder = os.path.join(data_dir, spec.folder)
     train_files = () if test_only else spec.train_files
@@ -212,8 +192,8 @@ def load_dataset(name, data_dir, download=True, test_only=False):
             _download(spec, data_dir)  # also over an incomplete archive (an interrupted download)
     mismatched = [n for n, md5 in needed if _md5(os.path.join(folder, n)) != md5]
     if mismatched:
-        _warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
-              f"checksums); loading it anyway, so its accuracies are not official test accuracies")
+        print(f"warning: {folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
+              f"checksums); loading it anyway, so its accuracies are not official test accuracies", file=sys.stderr)
     train_images, train_labels = (_read_batches(folder, train_files, spec) if train_files else
                                   (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)))
     test_images, test_labels = _read_batches(folder, spec.test_files, spec)
@@ -232,14 +212,10 @@ def mean_colour(mean):
 
 
 class Cutout(A.ImageOnlyTransform):
-    """One `size` x `size` hole filled with `fill`, placed uniformly inside the image (DeVries & Taylor 2017).
-
-    The hole albumentations' CoarseDropout(num_holes_range=(1, 1), hole_height_range=(size, size), ...)
-    cuts, at a fraction of its cost: CoarseDropout builds a numpy Generator for every image and handles
-    many holes, masks and fills (the whole augmentation took 105 us an image with it, 31 us with this, on
-    a 2-core EPYC; benchmark.py measures both). The place comes from the transform's own stream, so
-    reseed() fixes it like the rest.
-    """
+    """One `size` x `size` hole filled with `fill`, placed uniformly inside the image (DeVries & Taylor 2017):
+    albumentations' CoarseDropout(num_holes_range=(1, 1), ...) at a fraction of its cost, which builds a numpy
+    Generator for every image (the whole augmentation took 105 us an image with it, 31 us with this, on a
+    2-core EPYC; benchmark.py measures both). Its place comes from the transform's stream, as reseed() sets."""
 
     def __init__(self, size, fill, p=1.0):
         super().__init__(p=p)
@@ -260,12 +236,9 @@ class Cutout(A.ImageOnlyTransform):
 
 
 def train_transform(mean, cutout=12, pad_crop=4, flip=True, normalize_std=None):
-    """albumentations pipeline on uint8 HWC images, returning uint8 CHW tensors (normalized later, on the device).
-
-    Reflect-pad by `pad_crop` then a random 32x32 crop; horizontal flip; one `cutout` x `cutout` hole
-    filled with the mean colour. 0 (or False) turns a step off. With `normalize_std`, it normalizes to
-    float32 itself (the benchmark compares that with the device doing it).
-    """
+    """uint8 HWC images -> uint8 CHW tensors (normalized later, on the device): reflect-pad by `pad_crop` and
+    a random 32x32 crop, horizontal flip, one `cutout` hole of the mean colour; 0 turns a step off. With
+    `normalize_std` it normalizes to float32 itself (benchmark.py compares that with the device doing it)."""
     steps = []
     if pad_crop:
         steps += [A.Pad(pad_crop, border_mode=cv2.BORDER_REFLECT_101), A.RandomCrop(32, 32)]
@@ -280,11 +253,8 @@ def train_transform(mean, cutout=12, pad_crop=4, flip=True, normalize_std=None):
 
 
 def reseed(transform, seed):
-    """Give the Compose and each of its transforms an independent stream derived from `seed`.
-
-    Compose.set_random_seed would hand every transform the same seed, so their draws would be equal
-    (a flip decision tied to the crop position); SeedSequence gives each its own.
-    """
+    """Give the Compose and each of its transforms an independent stream derived from `seed`:
+    Compose.set_random_seed hands them all the same seed, which would tie the flip to the crop position."""
     children = list(getattr(transform, "transforms", []))
     seeds = np.random.SeedSequence(seed).generate_state(len(children) + 1)
     transform.set_random_seed(int(seeds[0]))  # this seeds the children too, all alike: re-seed them below
@@ -293,15 +263,10 @@ def reseed(transform, seed):
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """uint8 HWC images through an albumentations transform, no PIL round trip.
-
-    Indexed by an int it uses the transform's running stream. Fetched in batches from a
-    SeededBatchSampler (DataLoader calls __getitems__ with its `(seed, indices)`), it re-seeds first.
-
-    shared=True keeps the arrays in shared memory, for workers that start by spawn or forkserver: each
-    would otherwise unpickle a copy of its own (150 MB of CIFAR per worker); a shared tensor travels to
-    them as a handle to the same memory.
-    """
+    """uint8 HWC images through an albumentations transform. Fetched in batches from a SeededBatchSampler
+    (DataLoader calls __getitems__ with its `(seed, indices)`), it re-seeds first. shared=True keeps the
+    arrays in shared memory, for workers started by spawn or forkserver: each would otherwise unpickle a
+    copy of its own (150 MB of CIFAR a worker); a shared tensor travels to them as a handle."""
 
     def __init__(self, images, labels, transform, shared=False):
         if shared:
@@ -323,22 +288,16 @@ class AugmentedImages(torch.utils.data.Dataset):
 
 
 class SeededBatchSampler:
-    """Shuffled batches of indices, each with its own augmentation seed, both fixed by (seed, epoch, batch).
-
-    Under torchrun each of `world_size` processes takes its `rank`'s share of every global batch of
-    `batch_size` (which the caller has checked divides evenly), with an augmentation seed of its own: the
-    same seed would draw the same crops for the same positions of every rank's share.
-    Call set_epoch(epoch) before each epoch, as with DistributedSampler.
-    """
+    """Shuffled batches of indices, each with its own augmentation seed, both fixed by (seed, epoch, batch);
+    call set_epoch before each epoch. Under torchrun each of `world_size` processes takes its `rank`'s share
+    of every global batch, with a seed of its own (else every rank would draw the same crops)."""
 
     def __init__(self, size, batch_size, seed, shuffle=True, drop_last=True, rank=0, world_size=1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.shuffle = shuffle
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         # Dropping a ragged last batch keeps batch statistics sound and shapes static (torch.compile),
         # unless there would be no batch at all.
         self.drop_last = drop_last and size >= batch_size
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -351,8 +310,7 @@ class SeededBatchSampler:
                  else np.arange(self.size))
         for batch in range(len(self)):
             indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            # This rank's consecutive share (a ragged last batch, without drop_last, as even as it goes); a
-            # single process keeps the seed it always had.
+            # This rank's consecutive share; a single process keeps the seed it always had.
             mine = np.array_split(indices, self.world_size)[self.rank]
             yield [self.seed, self.epoch, batch] + ([self.rank] if self.world_size > 1 else []), mine.tolist()
 
@@ -368,16 +326,51 @@ def balanced_subset(labels, count, seed=0):
     return np.sort(np.lexsort((labels, rank))[:count])
 
 
+def split_data(data, args, world=distributed.World()):
+    """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
+    images, labels = data.train_images, data.train_labels
+    if args.train_subset > len(images):
+        note(f"--train-subset {args.train_subset} asked for, but the dataset has {len(images)} training images: "
+             f"training on all of them")
+    if args.train_subset:
+        images, labels = images[:args.train_subset], labels[:args.train_subset]
+    if args.val_split >= len(images):
+        raise UsageError(f"--val-split {args.val_split} leaves no training images (of {len(images)})")
+    if len(images) - args.val_split < world.size:
+        raise UsageError(f"{len(images) - args.val_split} training images cannot be shared among {world.size} "
+                         f"processes (each needs at least one); train on more images or with fewer processes")
+    if not args.val_split:
+        return (images, labels), None
+    order = np.random.default_rng(args.seed).permutation(len(images))
+    train, val = np.sort(order[args.val_split:]), np.sort(order[:args.val_split])
+    return (images[train], labels[train]), (images[val], labels[val])
+
+
+def test_data(data, args):
+    """The test images to evaluate: all, or --test-subset of them, class-balanced and the same every epoch."""
+    if not args.test_subset:
+        return data.test_images, data.test_labels
+    if args.test_subset >= len(data.test_labels):
+        note(f"--test-subset {args.test_subset} asked for, but the dataset has {len(data.test_labels)} test "
+             f"images: evaluating on all of them")
+        return data.test_images, data.test_labels
+    chosen = balanced_subset(data.test_labels, args.test_subset)
+    return data.test_images[chosen], data.test_labels[chosen]
+
+
+def as_tensors(images, labels, device):
+    """Evaluation images and labels on the device: uint8 (N, 3, H, W) and int64 (N,)."""
+    return to_tensor(images).to(device), torch.from_numpy(labels).to(device)
+
+
 def to_tensor(images):
     """uint8 (N, H, W, 3) array -> uint8 (N, 3, H, W) tensor view: evaluation's whole transform."""
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def normalize(images, mean, std):
-    """uint8 (B, 3, H, W) on any device -> float32 normalized, channels_last if the input was.
-
-    mean and std: 3 values in [0, 1], as sequences or as tensors already on the images' device.
-    """
+    """uint8 (B, 3, H, W) -> float32 normalized, channels_last if the input was; mean and std: 3 values in
+    [0, 1], as sequences or as tensors on the images' device."""
     mean = torch.as_tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.as_tensor(std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
@@ -386,10 +379,9 @@ def normalize(images, mean, std):
 # ----------------------------------------------------------------------------- the training loader
 
 def default_workers(processes_on_this_machine=1):
-    """The cores this process may use, less one for itself (it feeds the GPU: copies, kernel launches,
-    the loss's sync), at most 16. Augmentation costs about 30 us per image per core (benchmark.py, on a
-    2-core EPYC): 40,000 images/s take about two workers. Under torchrun the machine's cores are shared
-    by its processes."""
+    """The cores this process may use, less one for itself (it feeds the GPU), at most 16; under torchrun the
+    machine's processes share them. Augmentation costs about 30 us an image on a core (benchmark.py, on a
+    2-core EPYC): 40,000 images/s take about two workers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cores // processes_on_this_machine - 1))
 
@@ -402,9 +394,8 @@ def ignore_stop_signals_in_worker(_worker_id):
 
 
 def stop_workers(loader):
-    """End the loader's worker processes now. An error that leaves the program keeps the loader's iterator
-    alive in its traceback, and the workers ignore SIGTERM (above), so multiprocessing's exit handler,
-    which terminates and then joins them, would wait forever. DataLoader has no public call for this."""
+    """End the loader's workers now: an error's traceback keeps the loader's iterator alive, and the workers
+    ignore SIGTERM, so multiprocessing's exit handler (terminate, then join) would wait forever for them."""
     iterator = getattr(loader, "_iterator", None)
     with contextlib.suppress(Exception):
         iterator._shutdown_workers()
@@ -412,18 +403,14 @@ def stop_workers(loader):
 
 def make_train_loader(images, labels, args, mean, device, workers, normalize_std=None, start_method=None,
                       world=distributed.World()):
-    """The augmenting DataLoader and its sampler (call sampler.set_epoch before each epoch): this rank's
-    slice of each global batch of --batch-size images.
-
-    start_method: how workers start (default: the platform's; see devices.worker_start_method).
-    """
+    """The augmenting DataLoader and its sampler: this rank's share of each global batch of --batch-size
+    images. start_method: how workers start (default: the platform's, devices.worker_start_method)."""
     start_method = start_method or devices.worker_start_method()
     shared = workers > 0 and devices.dataset_in_shared_memory(start_method)
-    # Measured before the dataset moves into shared memory, which takes its own part of /dev/shm; the
-    # processes of this machine share what is free.
+    # /dev/shm's free bytes, before the dataset moves there, shared by the processes of this machine.
     pixel_bytes = 1 if normalize_std is None else 4  # uint8, or float32 normalized in the workers
     batch_bytes = world.per_rank(args.batch_size) * (images[0].size * pixel_bytes + labels[:1].nbytes)
-    free = devices.free_shared_memory()  # None where there is no /dev/shm to count (macOS, Windows)
+    free = devices.free_shared_memory()
     prefetch = devices.fit_prefetch(None if free is None else free // world.local_size, workers, batch_bytes,
                                     dataset_bytes=images.nbytes + labels.nbytes if shared else 0)
     dataset = AugmentedImages(images, labels, train_transform(

@@ -296,7 +296,7 @@ def benchmark_table(r):
 def settle(args, world):
     """The arguments checked; this rank's device and precision."""
     check_args(args, world)
-    return loop.resolve_device(args.device, args.precision, args.compile, world)
+    return loop.resolve_device(args, world)
 
 
 def benchmark(read_command_line, world):

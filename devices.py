@@ -1,17 +1,10 @@
-"""The machine's facts and every decision that depends on them, as plain functions a test can feed.
+"""The machine's facts and every decision that depends on them, as plain functions a test can feed: no
+GPU may be at hand where this is tested, yet most users train on one. `read_facts` asks the hardware and
+`check_computes` runs on it; the decisions take plain facts (a device type, a compute capability, a byte
+count), so tests call them with a T4's or a Mac's on a CPU. Nothing happens on import.
 
-No GPU may be at hand where this code is tested, yet most users train on one. So each device-dependent
-choice (device, precision, pinned memory, clock synchronisation, backend flags, shared memory, where the
-RNG state lives) is a small function of plain facts: a device type, a compute capability, a platform
-name, a byte count. Tests call them with a T4's or a Mac's facts on a CPU-only machine; `read_facts`
-is the one place that asks the real hardware, and `check_computes` the one that runs on it.
-
-    import devices
     device = devices.pick_device("auto")                    # cuda, then mps, then cpu
-    facts = devices.read_facts(device)                      # Facts(device_type='cuda', capability=(7, 5), ...)
-    devices.choose_precision("auto", facts)                 # 'fp16' on a T4, 'bf16' on an A100 or H100
-
-Nothing happens on import.
+    devices.choose_precision("auto", devices.read_facts(device))  # 'fp16' on a T4, 'bf16' on an A100 or H100
 """
 import contextlib
 import multiprocessing
@@ -44,19 +37,14 @@ class Facts:
     device_type: str                 # "cuda", "mps" or "cpu"
     capability: tuple = None         # CUDA compute capability, (7, 5) on a T4, (9, 0) on an H100
     cpu_bf16: bool = False           # oneDNN has fast bf16 kernels (AVX512-BF16 or AMX)
-    platform: str = sys.platform     # "linux", "darwin", "win32"
+    platform: str = sys.platform
 
 
 # ----------------------------------------------------------------------------- asking the hardware
 
-def mps_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
 def cpu_supports_bf16(machine=None):
-    """The CPU has bf16 instructions (x86: AVX512-BF16 or AMX; ARM: what oneDNN reports); elsewhere bf16
-    on a CPU is slower than fp32. On x86, oneDNN's own check says yes for any AVX-512 CPU (Skylake to Ice
-    Lake servers), which emulates bf16."""
+    """The CPU has bf16 instructions (x86: AVX512-BF16 or AMX; ARM: what oneDNN reports); elsewhere bf16 is
+    slower than fp32. On x86, oneDNN's own check says yes for any AVX-512 CPU, which emulates bf16."""
     machine = (machine or platform.machine()).lower()
     try:
         if machine in ("x86_64", "amd64", "i386", "i686"):
@@ -67,14 +55,12 @@ def cpu_supports_bf16(machine=None):
 
 
 def read_facts(device):
-    """The facts of `device` (a torch.device), read from the hardware."""
     capability = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
     return Facts(device.type, capability, cpu_supports_bf16() if device.type == "cpu" else False, sys.platform)
 
 
 def free_shared_memory(path="/dev/shm"):
-    """Bytes free in the shared-memory file system that DataLoader workers hand batches through, or
-    None where there is none to count (macOS, Windows)."""
+    """Bytes free where DataLoader workers hand batches over, or None where there is none (macOS, Windows)."""
     try:
         stats = os.statvfs(path)
     except (OSError, AttributeError):
@@ -83,9 +69,8 @@ def free_shared_memory(path="/dev/shm"):
 
 
 def worker_start_method():
-    """How DataLoader workers start here: 'fork' (Linux up to Python 3.13), 'forkserver' (Linux from
-    3.14) or 'spawn' (macOS, Windows). Asked without fixing it: get_start_method() would, and a notebook's
-    later set_start_method() would then fail."""
+    """'fork' (Linux up to Python 3.13), 'forkserver' (Linux from 3.14) or 'spawn' (macOS, Windows); asked
+    without fixing it, as get_start_method() would (a notebook's later set_start_method() would fail)."""
     return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
 
 
@@ -93,10 +78,8 @@ def worker_start_method():
 
 def choose_device(name, cuda_available, mps_is_available, nvidia_driver=None, torch_build=None):
     """'auto' -> cuda, then mps, then cpu; an explicit device must exist. Returns the device type.
-
-    nvidia_driver: the version of the NVIDIA driver of a GPU this machine has (None: none); torch_build:
-    what torch was built for ('13.0': its CUDA version, 'ROCm 6.2', None: the CPU only). A GPU that torch
-    cannot use is said, not skipped: --device auto would otherwise train for hours on the CPU."""
+    nvidia_driver: the driver version of this machine's NVIDIA GPU (None: none); torch_build: '13.0' (CUDA),
+    'ROCm 6.2' or None (CPU only). A GPU torch cannot use is said: --device auto would train on the CPU."""
     if name not in ("auto", "cuda", "mps", "cpu"):
         raise DeviceError(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
     if name in ("auto", "cuda") and not cuda_available and nvidia_driver is not None:
@@ -137,8 +120,7 @@ def unusable_gpu(driver, torch_build):
 
 
 def gpus_hidden(visible):
-    """Whether CUDA_VISIBLE_DEVICES (None: unset) hides every GPU: CUDA stops at its first entry that is
-    not a GPU's index or UUID ('', '-1', 'none')."""
+    """Whether CUDA_VISIBLE_DEVICES hides every GPU: CUDA stops at a first entry that is not an index or UUID."""
     if visible is None:
         return False
     first = visible.split(",")[0].strip()
@@ -146,9 +128,9 @@ def gpus_hidden(visible):
 
 
 def nvidia_driver_version(proc_file="/proc/driver/nvidia/version", nvidia_smi="nvidia-smi", dev="/dev"):
-    """The NVIDIA driver's version ('550.54.15') where this machine has a GPU of its, '' where its version
-    cannot be read, None where there is none to use: no GPU device (a container sees its host's driver in
-    /proc without the GPUs, unless given them), or every GPU hidden by CUDA_VISIBLE_DEVICES on purpose."""
+    """The NVIDIA driver's version ('550.54.15') where this machine has its GPU, '' where it cannot be read,
+    None where there is none to use: no GPU device (a container sees its host's driver without the GPUs)
+    or every GPU hidden by CUDA_VISIBLE_DEVICES."""
     nodes = ("nvidiactl", "dxg")  # dxg: WSL's GPU, which has nvidia-smi but no /proc entry
     if gpus_hidden(os.environ.get("CUDA_VISIBLE_DEVICES")) or not any(
             os.path.exists(os.path.join(dev, node)) for node in nodes):
@@ -168,17 +150,13 @@ def nvidia_driver_version(proc_file="/proc/driver/nvidia/version", nvidia_smi="n
     return versions[0] if answer.returncode == 0 and versions else None
 
 
-def torch_build():
-    """What this torch was built for: its CUDA version ('13.0'), 'ROCm 6.2', or None (the CPU only)."""
-    hip = getattr(torch.version, "hip", None)
-    return torch.version.cuda or (f"ROCm {hip}" if hip else None)
-
-
 def pick_device(name, index=None):
     """The torch.device for --device NAME; `index` picks one of several GPUs (torchrun's LOCAL_RANK)."""
     cuda = torch.cuda.is_available()
     driver = None if cuda or name not in ("auto", "cuda") else nvidia_driver_version()
-    kind = choose_device(name, cuda, mps_available(), driver, torch_build())
+    hip = getattr(torch.version, "hip", None)
+    kind = choose_device(name, cuda, torch.backends.mps.is_available(), driver,
+                         torch.version.cuda or (f"ROCm {hip}" if hip else None))
     if kind == "cuda" and index is not None:
         visible = torch.cuda.device_count()
         if index >= visible:
@@ -191,9 +169,8 @@ def pick_device(name, index=None):
 
 
 def check_computes(device):
-    """A GPU that fails at its first computation (a driver problem, an ECC error, a GPU held in exclusive
-    mode by another process) fails here, among the checks, in one line: not at the model's first copy in a
-    traceback, nor, under torchrun, while the other machines wait for it to connect."""
+    """A GPU that fails at its first computation (a driver problem, an ECC error, exclusive mode) fails here,
+    among the checks, in one line: not in a traceback later, nor while torchrun's other machines wait."""
     if device.type == "cpu":
         return
     try:
@@ -204,7 +181,7 @@ def check_computes(device):
 
 
 def first_line(error):
-    """An exception's message in one line (CUDA's run to many), or its type's name if it has none."""
+    """An exception's message in one line (CUDA's run to many), or its type's name."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
@@ -237,8 +214,7 @@ def precision_warning(precision, facts):
 
 
 def compile_problem(facts):
-    """Why torch.compile cannot run here, or None: Triton, which compiles for GPUs, needs compute
-    capability 7.0 (a P100 or GTX 10xx fails in the first step)."""
+    """Why torch.compile cannot run here, or None: Triton needs compute capability 7.0 (not a P100, GTX 10xx)."""
     if facts.device_type == "cuda" and facts.capability < (7, 0):
         major, minor = facts.capability
         return (f"--compile needs a GPU of compute capability 7.0 or above (Triton); this one has {major}.{minor}: "
@@ -247,9 +223,8 @@ def compile_problem(facts):
 
 
 def build_problem(capability, arch_list):
-    """Why this PyTorch build has no kernels for this GPU, or None. A build lists the architectures it
-    was compiled for (torch.cuda.get_arch_list()); a GPU older than all of them fails at its first kernel
-    ("no kernel image is available"): torch 2.14's CUDA 13 wheels start at sm_75, without the V100's sm_70."""
+    """Why this PyTorch build has no kernels for this GPU, or None: a GPU older than every architecture the
+    build lists fails at its first kernel (torch 2.14's CUDA 13 wheels start at sm_75, without the V100's)."""
     # Source builds may name architectures with a suffix (sm_90a, sm_100f): the digits count.
     built = sorted(int(re.match(r"sm_(\d+)", arch).group(1)) for arch in arch_list if re.match(r"sm_\d+", arch))
     major, minor = capability
@@ -261,13 +236,12 @@ def build_problem(capability, arch_list):
 
 
 def fused_optimizer(device_type):
-    """CUDA has a fused SGD kernel, which also lets the fp16 grad scaler skip its per-step CPU-GPU sync
-    (GradScaler.step reads found_inf with .item() for unfused optimizers)."""
+    """CUDA's fused SGD also spares the fp16 grad scaler its per-step sync (found_inf.item() when unfused)."""
     return device_type == "cuda"
 
 
 def pin_memory(device_type):
-    """Page-locked host batches let the copy to a CUDA GPU run asynchronously; elsewhere they cost only."""
+    """Page-locked batches let the copy to a CUDA GPU run asynchronously; elsewhere they only cost."""
     return device_type == "cuda"
 
 
@@ -340,17 +314,15 @@ def applied(settings):
 
 
 def dataset_in_shared_memory(start_method):
-    """Under spawn and forkserver every worker unpickles its own copy of the dataset (150 MB of CIFAR per
-    worker); tensors in shared memory travel as handles instead. A forked worker shares its parent's
-    memory already, copy-on-write, and needs nothing."""
+    """Under spawn and forkserver every worker would unpickle its own copy of the dataset; a forked worker
+    shares its parent's memory already, copy-on-write."""
     return start_method in ("spawn", "forkserver")
 
 
 def fit_prefetch(free_bytes, workers, batch_bytes, dataset_bytes=0, wanted=4):
-    """Batches each DataLoader worker may prepare ahead so that what sits in shared memory fits in half
-    of what is free (workers x prefetch batches, and the dataset when it is shared). Raises DeviceError
-    when not even one batch each fits: Docker gives containers 64 MB unless told otherwise, and a worker
-    that runs out dies with "Bus error"."""
+    """Batches each DataLoader worker may prepare ahead so that they (and the dataset, when shared) fit in
+    half the free shared memory. DeviceError when not one batch each fits: Docker gives containers 64 MB
+    unless told otherwise, and a worker that runs out dies with "Bus error"."""
     if workers == 0 or free_bytes is None:
         return wanted
     budget = free_bytes // 2 - dataset_bytes
@@ -366,9 +338,8 @@ def fit_prefetch(free_bytes, workers, batch_bytes, dataset_bytes=0, wanted=4):
 # ----------------------------------------------------------------------------- state that must travel
 
 def on_cpu(tree):
-    """The same nested dicts/lists with every tensor copied to the CPU (a copy even when it is there
-    already: training goes on changing the original). A checkpoint of CPU tensors loads on any machine,
-    also with torch.load(path, weights_only=True) and no map_location."""
+    """The nested dicts/lists with every tensor copied to the CPU (a copy even there: training goes on changing
+    the original). CPU tensors load on any machine, without map_location."""
     if isinstance(tree, torch.Tensor):
         return tree.detach().to("cpu", copy=True)
     if isinstance(tree, dict):
@@ -379,8 +350,8 @@ def on_cpu(tree):
 
 
 def rng_state(device_type, cuda=torch.cuda):
-    """The random state a resume needs: the CPU generator's, and the generator of the GPU in use (one
-    state, whatever the number of GPUs: a run may resume on a machine that has fewer)."""
+    """The random state a resume needs: the CPU generator's and the current GPU's (one, whatever the number
+    of GPUs: a run may resume on a machine that has fewer)."""
     state = {"torch": torch.get_rng_state()}
     if device_type == "cuda":
         state["cuda"] = cuda.get_rng_state()
@@ -388,14 +359,12 @@ def rng_state(device_type, cuda=torch.cuda):
 
 
 def restore_rng_state(state, device_type, cuda=torch.cuda):
-    """Put back what rng_state saved (a CUDA run's state is left out on a CPU)."""
     torch.set_rng_state(state["torch"])
     if device_type == "cuda" and "cuda" in state:
         cuda.set_rng_state(state["cuda"])
 
 
 def describe_cpu():
-    """The CPU's model name, for logs."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -51,27 +51,37 @@ def derived_lr(args):
     return args.lr if args.lr is not None else 0.2 * args.batch_size / 500
 
 
-def resolve_device(device_name, precision, compile_model, world=distributed.World()):
-    """The device (under torchrun: this rank's GPU) and the precision it runs (devices.py decides). Every
-    problem is a DeviceError: one line, said by each rank that meets it (it may be this machine's alone)."""
+def resolve_device(args, world=distributed.World()):
+    """The device for --device (under torchrun: this rank's GPU) and the precision it runs (devices.py
+    decides). Every problem is a DeviceError: one line, said by each rank that meets it (it may be this
+    machine's alone: with --device auto, a machine whose CUDA is missing)."""
     try:
-        device = devices.pick_device(device_name, world.local_rank if world.launched else None)
+        device = devices.pick_device(args.device, world.local_rank if world.launched else None)
         facts = devices.read_facts(device)
     except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first call
         gpu = f" (GPU {world.local_rank})" if world.launched else ""
-        raise devices.DeviceError(f"--device {device_name}{gpu}: the device cannot be used ({devices.first_line(error)}); "
+        raise devices.DeviceError(f"--device {args.device}{gpu}: the device cannot be used ({devices.first_line(error)}); "
                                   f"check the GPU (nvidia-smi), or use --device cpu") from None
     if world.launched:
         distributed.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
+    sync_bn = getattr(args, "sync_bn", False)
     problem = devices.build_problem(facts.capability, torch.cuda.get_arch_list()) if device.type == "cuda" else None
-    problem = problem or (devices.compile_problem(facts) if compile_model else None)
+    problem = problem or (devices.compile_problem(facts) if args.compile else None)
+    if sync_bn and device.type != "cuda":
+        problem = f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} implementation); leave it out"
     if problem:
         raise devices.DeviceError(problem)
     devices.check_computes(device)
-    chosen = devices.choose_precision(precision, facts)
-    warning = devices.precision_warning(chosen, facts)
-    if warning:
+    chosen = devices.choose_precision(args.precision, facts)
+    warnings = [devices.precision_warning(chosen, facts)]
+    if sync_bn and args.compile:
+        warnings.append("--sync-bn with --compile is slow: torch.compile cannot trace SyncBatchNorm (pytorch/pytorch"
+                        "#161302) and breaks each step at ResNet18's 20 BatchNorm layers, with a CPU-GPU sync at "
+                        "each; use one or the other")
+    for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr)
+    if sync_bn and not world.launched:
+        note("--sync-bn has no effect in a single process")
     return device, chosen
 
 

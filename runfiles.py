@@ -1,10 +1,8 @@
-"""What a training run writes into its folder (log.json, last.pt and best.pt: their contents, and how), the
-folder itself, and how --resume reads a run back. Defines things only: nothing happens on import.
+"""What a training run writes into its folder (log.json, last.pt, best.pt: their contents, and how), the
+folder itself, and how --resume reads a run back. Nothing happens on import.
 
     checkpoint = runfiles.build_checkpoint(trainer, args, data, epoch, history, best)   # CPU tensors, plain values
-    runfiles.save_epoch(paths, checkpoint, improved, log, resume_command)   # last.pt, best.pt, log.json
     runfiles.BackgroundWriter().submit(epoch, snapshot, write)   # write(*snapshot()) while the next epoch trains
-    runfiles.catch_up(paths, source, checkpoint, log)   # a resumed folder brought up to date with its checkpoint
 
 Checkpoints hold only tensors and plain values: torch.load(path, weights_only=True) reads them. Every file
 is written atomically (files.py): a kill or a full disk leaves the previous complete version.
@@ -65,30 +63,28 @@ def summarize(history, best_key):
 
 
 class BackgroundWriter:
-    """Writes each epoch's files in a thread while the next epoch trains.
+    """Writes each epoch's files in a thread while the next epoch trains: last.pt with fsync took 0.14-0.35 s
+    on the development CPU, a tenth of a GPU epoch. Only the snapshot (copies to the CPU) stays on the
+    training path. One write at a time; a write's error (a full disk) is raised by the next submit() or
+    wait(). Not `enabled` (ranks other than 0): nothing is written."""
 
-    last.pt with fsync took 0.14-0.35 s per epoch on the development CPU: a tenth of the 2.4 s that a GPU
-    epoch should take. Only the snapshot (copies to the CPU, 7-25 ms there) stays on the training path.
-    One write at a time: submit() waits for the one before. A write's error (a full disk) is raised by
-    the next submit() or wait(); every file is still written atomically, so a kill at any moment leaves
-    complete versions, and a failed write leaves the previous epoch's files as they were.
-    """
-
-    def __init__(self, saved_epoch=0):
-        self.saved_epoch = saved_epoch  # the last epoch whose files are complete on disk
+    def __init__(self, saved_epoch=0, enabled=True):
+        self.saved_epoch, self.enabled = saved_epoch, enabled  # the last epoch whose files are complete
         self.thread, self.error = None, None
 
     def submit(self, epoch, snapshot, write):
-        """snapshot() runs here, on the training thread; write(its result) in the writer's thread."""
+        """snapshot() runs here, on the training thread; write(*its result) in the writer's thread."""
         self.wait()
+        if not self.enabled:
+            self.saved_epoch = epoch
+            return
         payload = snapshot()
-        self.thread = threading.Thread(target=self._run, args=(epoch, lambda: write(*payload)),
-                                       name="checkpoint-writer")
+        self.thread = threading.Thread(target=self._write, args=(epoch, write, payload), name="checkpoint-writer")
         self.thread.start()  # not a daemon: the interpreter waits for a write in progress before exiting
 
-    def _run(self, epoch, write):
+    def _write(self, epoch, write, payload):
         try:
-            write()
+            write(*payload)
             self.saved_epoch = epoch
         except BaseException as error:  # handed to the training thread, which reports it
             self.error = error
@@ -101,19 +97,6 @@ class BackgroundWriter:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        return self.saved_epoch
-
-
-class NoWriter:
-    """What ranks other than 0 have instead of a writer: they take no snapshot and write nothing."""
-
-    def __init__(self, saved_epoch=0):
-        self.saved_epoch = saved_epoch
-
-    def submit(self, epoch, snapshot, write):
-        self.saved_epoch = epoch
-
-    def wait(self):
         return self.saved_epoch
 
 
@@ -132,25 +115,21 @@ def save_epoch(paths, checkpoint, improved, log, resume_command):
 
 
 def data_description(data, test_labels):
-    """What the accuracies were measured on: plot_curves.py and gradcam.py say so when it is not the
-    official test set."""
+    """What the accuracies were measured on (plot_curves.py and gradcam.py say when not the official test set)."""
     return {"official": data.official, "test_images": len(test_labels),
             "test_subset": len(test_labels) < len(data.test_labels)}
 
 
-def build_log(args, env, classes, history, best_key, final=None, data=None):
+def build_log(args, env, classes, history, best_key, data=None, confusion=None):
+    """log.json's contents; a finished run's adds the per-class accuracy and the confusion matrix of its last
+    epoch (rows: true class, columns: predicted)."""
     log = {"format": LOG_FORMAT, "args": dict(vars(args)), "environment": env, "data": data, "classes": classes,
            "epochs": history, "summary": summarize(history, best_key) if history else None}
-    if final is not None:
-        log.update(final)
+    if confusion is not None:
+        log["per_class_accuracy"] = {name: (row[i] / sum(row) if sum(row) else None)
+                                     for i, (name, row) in enumerate(zip(classes, confusion))}
+        log["confusion_matrix"] = confusion
     return log
-
-
-def final_metrics(confusion, classes):
-    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
-    per_class = {name: (row[i] / sum(row) if sum(row) else None)
-                 for i, (name, row) in enumerate(zip(classes, confusion))}
-    return {"per_class_accuracy": per_class, "confusion_matrix": confusion}
 
 
 def build_checkpoint(trainer, args, data, epoch, history, best):
@@ -185,12 +164,9 @@ def restore_checkpoint(trainer, checkpoint):
 
 
 def match_parameter_layouts(optimizer):
-    """Put the optimizer's state tensors (SGD's momentum buffers) in their parameter's memory layout.
-
-    A checkpoint keeps the layout of the run that saved it (NCHW from a --no-channels-last run), loading
-    it keeps that layout, and CUDA's fused SGD refuses a step whose buffers' strides differ from the
-    parameters': a run resumed with the other --channels-last setting would fail at its first step.
-    """
+    """Put SGD's momentum buffers in their parameter's memory layout: a checkpoint keeps the layout of the run
+    that saved it, and CUDA's fused SGD refuses buffers whose strides differ from the parameters' (a run
+    resumed with the other --channels-last setting would fail at its first step)."""
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             state = optimizer.state.get(parameter, {})
@@ -208,13 +184,9 @@ def resumes_in_place(resume, out_dir):
 
 
 def catch_up(paths, source, checkpoint, log):
-    """Make the folder of `paths` agree with `checkpoint`, read from `source`, before training goes on.
-
-    A kill between an epoch's writes (last.pt, then best.pt, then log.json) left the last two an epoch
-    behind; a resume into another --out-dir (a branch) starts there with the run as saved: last.pt,
-    best.pt (when the source folder has the right one), log.json. `log`: what log.json should hold (its
-    args' `epochs` says whether the run is finished).
-    """
+    """Make the folder of `paths` agree with `checkpoint`, read from `source`, before training goes on: a kill
+    between an epoch's writes left best.pt and log.json an epoch behind; a resume into another --out-dir (a
+    branch) starts there with the run as saved. `log`: what log.json should hold."""
     epoch, best_epoch = len(checkpoint["history"]), checkpoint["best"]["epoch"]
     out_dir = os.path.dirname(paths[LAST_NAME])
     in_place = resumes_in_place(source, out_dir)
@@ -233,8 +205,8 @@ def catch_up(paths, source, checkpoint, log):
 
 
 def bring_best_checkpoint(path, target, checkpoint):
-    """best.pt from the resumed run's folder, if it is the best epoch of `checkpoint`; else none (under
-    --overwrite, the replaced run's goes). Linked first, then checked: the source may change meanwhile."""
+    """best.pt from the resumed run's folder if it is `checkpoint`'s best epoch, else none (under --overwrite
+    the replaced run's goes). Linked first, then checked: the source may change meanwhile."""
     best_epoch = checkpoint["best"]["epoch"]
     if os.path.exists(path):
         files.atomic_link(path, target)
@@ -247,8 +219,8 @@ def bring_best_checkpoint(path, target, checkpoint):
 
 
 def log_on_disk_epochs(path, epochs):
-    """How many epochs the log.json at `path` holds (0: missing, unreadable, another format, no summary, or
-    a finished run's log, of `epochs` epochs, without its final metrics)."""
+    """How many epochs the log.json at `path` holds (0: missing, unreadable, another format, or a finished
+    run's log, of `epochs` epochs, without its final metrics)."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         with open(path) as f:
             log = json.load(f)

@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 
 import augment
@@ -236,58 +235,6 @@ def batch_not_divisible(args, processes):
             f"multiple of {processes} ({' or '.join(map(str, nearest))})")
 
 
-# ----------------------------------------------------------------------------- device
-
-def resolve_device(args, world=distributed.World()):
-    """The device (under torchrun: this rank's GPU) and the precision it runs."""
-    device, precision = loop.resolve_device(args.device, args.precision, args.compile, world)
-    if args.sync_bn and device.type != "cuda":
-        # A DeviceError: with --device auto, a machine whose CUDA is missing meets it alone.
-        raise devices.DeviceError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no {device.type} "
-                                  f"implementation); leave it out")
-    if args.sync_bn and not world.launched:
-        note("--sync-bn has no effect in a single process")
-    if args.sync_bn and args.compile:
-        print("warning: --sync-bn with --compile is slow: torch.compile cannot trace SyncBatchNorm (pytorch/pytorch"
-              "#161302) and breaks each step at ResNet18's 20 BatchNorm layers, with a CPU-GPU sync at each; "
-              "use one or the other", file=sys.stderr)
-    return device, precision
-
-
-# ----------------------------------------------------------------------------- data
-
-def split_data(data, args, world=distributed.World()):
-    """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
-    images, labels = data.train_images, data.train_labels
-    if args.train_subset > len(images):
-        note(f"--train-subset {args.train_subset} asked for, but the dataset has {len(images)} training images: "
-             f"training on all of them")
-    if args.train_subset:
-        images, labels = images[:args.train_subset], labels[:args.train_subset]
-    if args.val_split >= len(images):
-        raise UsageError(f"--val-split {args.val_split} leaves no training images (of {len(images)})")
-    if len(images) - args.val_split < world.size:
-        raise UsageError(f"{len(images) - args.val_split} training images cannot be shared among {world.size} "
-                         f"processes (each needs at least one); train on more images or with fewer processes")
-    if not args.val_split:
-        return (images, labels), None
-    order = np.random.default_rng(args.seed).permutation(len(images))
-    train, val = np.sort(order[args.val_split:]), np.sort(order[:args.val_split])
-    return (images[train], labels[train]), (images[val], labels[val])
-
-
-def test_data(data, args):
-    """The test images to evaluate: all, or --test-subset of them, class-balanced and the same every epoch."""
-    if not args.test_subset:
-        return data.test_images, data.test_labels
-    if args.test_subset >= len(data.test_labels):
-        note(f"--test-subset {args.test_subset} asked for, but the dataset has {len(data.test_labels)} test "
-             f"images: evaluating on all of them")
-        return data.test_images, data.test_labels
-    chosen = augment.balanced_subset(data.test_labels, args.test_subset)
-    return data.test_images[chosen], data.test_labels[chosen]
-
-
 def epoch_line(record, epochs, has_val):
     val = f"  val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" if has_val else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  lr {record['lr']:.4g}  "
@@ -316,7 +263,7 @@ def prepare(read_command_line, world):
         raise UsageError(f"{args.resume} was trained on other classes than those in {args.data_dir} "
                          f"({len(checkpoint['classes'])}: {', '.join(checkpoint['classes'][:3])}, ... against "
                          f"{len(data.classes)}: {', '.join(data.classes[:3])}, ...); resume it with the run's data")
-    return args, checkpoint, device, precision, world, data, split_data(data, args, world)
+    return args, checkpoint, device, precision, world, data, augment.split_data(data, args, world)
 
 
 def settle(args, given, world):
@@ -329,7 +276,7 @@ def settle(args, given, world):
     check_args(args, world)
     # The peak lr as a number in log.json and the checkpoint: "default" names other values in other versions.
     args.lr = loop.derived_lr(args)
-    device, precision = resolve_device(args, world)
+    device, precision = loop.resolve_device(args, world)
     args.out_dir = args.out_dir or "."
     args.data_dir = os.path.abspath(args.data_dir)  # saved in the checkpoint: a resume from any folder finds it
     return args, checkpoint, device, precision
@@ -370,31 +317,28 @@ class Run:
     images, its history and files; it evaluates an epoch, saves it, and ends the run cleanly."""
 
     def __init__(self, args, data, parts, checkpoint, device, precision, heap_reuse, world=distributed.World()):
-        """parts: split_data's (train, val)."""
         torch.manual_seed(args.seed)
-        (train_images, train_labels), val = parts
-        test_images, test_labels = test_data(data, args)
-        self.num_classes = len(data.classes)
+        (train_images, train_labels), val = parts  # split_data's
+        test_images, test_labels = augment.test_data(data, args)
         workers = augment.default_workers(world.local_size) if args.workers is None else args.workers
         if device.type == "cpu" and args.epochs * len(train_images) > 100_000:
             print(f"warning: training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
                   f"take hours; use a GPU, or --train-subset and --epochs for a quick run", file=sys.stderr)
-        self.args, self.data, self.device, self.world = args, data, device, world
+        self.args, self.data, self.world, self.resumed = args, data, world, checkpoint
         # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
         self.loader, self.sampler = world.together(lambda: augment.make_train_loader(
             train_images, train_labels, args, data.mean, device, workers, world=world))
-        model = loop.build_model(self.num_classes, args, device)
+        model = loop.build_model(len(data.classes), args, device)
         self.trainer = loop.Trainer(model, args, precision, device, data.mean, data.std, len(self.loader), world)
         self.history, self.best, self.last_confusion = [], None, None
         if checkpoint is not None:  # a checkpoint that does not fit fails everywhere alike, or stops the rest
             world.together(lambda: runfiles.restore_checkpoint(self.trainer, checkpoint))
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
             self.last_confusion = checkpoint["confusion"]
-        self.resumed = checkpoint  # for catch_up_files
-        self.writer = (runfiles.BackgroundWriter if world.main else runfiles.NoWriter)(saved_epoch=len(self.history))
-        self.test = (augment.to_tensor(test_images).to(device), torch.from_numpy(test_labels).to(device))
+        self.writer = runfiles.BackgroundWriter(saved_epoch=len(self.history), enabled=world.main)
+        self.test = augment.as_tensors(test_images, test_labels, device)
+        self.val = None if val is None else augment.as_tensors(*val, device)
         self.described = runfiles.data_description(data, test_labels)
-        self.val = None if val is None else (augment.to_tensor(val[0]).to(device), torch.from_numpy(val[1]).to(device))
         self.best_key = "val_acc" if val is not None else "test_acc"
         self.env = runfiles.environment(device, precision, workers, args, heap_reuse, world)
         self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
@@ -404,9 +348,8 @@ class Run:
             note(f"each epoch trains on {len(self.loader)} batches of {args.batch_size}: {dropped} of the "
                  f"{len(train_images)} training images, different ones each epoch, are left out (a smaller "
                  f"last batch would disturb BatchNorm's statistics and make --compile compile again)")
-        nodes = f"{world.nodes} node{'s' if world.nodes > 1 else ''}"
-        processes = (f" x {world.size} processes on {nodes} ({world.backend}, {world.per_rank(args.batch_size)} "
-                     f"images a step each)" if world.launched else "")
+        processes = (f" x {world.size} processes on {world.nodes} node{'s' * (world.nodes > 1)} ({world.backend}, "
+                     f"{world.per_rank(args.batch_size)} images a step each)" if world.launched else "")
         if len(self.history) < args.epochs:  # else say_done() says there is nothing to do
             print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
                   f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
@@ -415,11 +358,11 @@ class Run:
     def evaluate(self, record, bar):
         """The validation (with --val-split) and test loss and accuracy into `record`; returns the test
         confusion matrix. Batches: each process's share of a training batch (the memory it has)."""
-        batch, epoch = self.world.per_rank(self.args.batch_size), record["epoch"]
+        batch, epoch, classes = self.world.per_rank(self.args.batch_size), record["epoch"], len(self.data.classes)
         if self.val is not None:
-            val = loop.evaluate(self.trainer, *self.val, self.num_classes, batch, f"epoch {epoch} validation", bar)
+            val = loop.evaluate(self.trainer, *self.val, classes, batch, f"epoch {epoch} validation", bar)
             record.update(val_loss=val["loss"], val_acc=val["acc"])
-        test = loop.evaluate(self.trainer, *self.test, self.num_classes, batch, f"epoch {epoch} test", bar)
+        test = loop.evaluate(self.trainer, *self.test, classes, batch, f"epoch {epoch} test", bar)
         record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
         return test["confusion"]
 
@@ -429,37 +372,33 @@ class Run:
         self.world.together(self.writer.wait, here=self.world.main)
         return self.writer.saved_epoch
 
+    def log(self, history, confusion):
+        """log.json's contents after `history`; the final metrics come with the last epoch's `confusion`."""
+        finished = history and history[-1]["epoch"] == self.args.epochs
+        return runfiles.build_log(self.args, self.env, self.data.classes, history, self.best_key, self.described,
+                                  confusion if finished else None)
+
     def save(self, record, confusion):
-        """Snapshot a finished epoch (CPU copies: training may go on) and hand last.pt, best.pt and
-        log.json to the writer, which writes them while the next epoch trains."""
+        """Snapshot a finished epoch (CPU copies: training goes on) and hand last.pt, best.pt and log.json to
+        the writer, which writes them while the next epoch trains."""
         self.files_written()  # the epoch before's, written while this one trained
         epoch, history = record["epoch"], self.history + [record]
         improved = self.best is None or record[self.best_key] > self.best["value"]
         best = {"metric": self.best_key, "value": record[self.best_key], "epoch": epoch} if improved else self.best
-        final = runfiles.final_metrics(confusion, self.data.classes) if epoch == self.args.epochs else None
 
         def snapshot():
             checkpoint = runfiles.build_checkpoint(self.trainer, self.args, self.data, epoch, history, best)
             checkpoint.update(data=self.described, confusion=confusion)
-            log = self.log(history, final)
-            return checkpoint, log
+            return checkpoint, self.log(history, confusion)
 
-        def write(checkpoint, log):
-            runfiles.save_epoch(self.paths, checkpoint, improved, log, self.resume_command)
-
-        self.writer.submit(epoch, snapshot, write)
+        self.writer.submit(epoch, snapshot, lambda checkpoint, log: runfiles.save_epoch(
+            self.paths, checkpoint, improved, log, self.resume_command))
         self.history, self.best = history, best
-
-    def log(self, history, final=None):
-        """log.json's contents after the epochs of `history` (`final`: the last epoch's per-class metrics)."""
-        return runfiles.build_log(self.args, self.env, self.data.classes, history, self.best_key, final,
-                                  self.described)
 
     def catch_up_files(self):
         """On a resume, bring the folder up to date with the checkpoint first (runfiles.catch_up)."""
-        finished = len(self.history) == self.args.epochs and self.last_confusion is not None
-        final = runfiles.final_metrics(self.last_confusion, self.data.classes) if finished else None
-        runfiles.catch_up(self.paths, os.path.abspath(self.args.resume), self.resumed, self.log(self.history, final))
+        log = self.log(self.history, self.last_confusion)
+        runfiles.catch_up(self.paths, os.path.abspath(self.args.resume), self.resumed, log)
         if not os.path.exists(self.paths[BEST_NAME]):
             note(f"no best.pt of epoch {self.best['epoch']} came with {self.args.resume}: {self.paths[BEST_NAME]} "
                  f"appears when an epoch beats its {self.best_key} {100 * self.best['value']:.2f}%; until then "
@@ -469,7 +408,6 @@ class Run:
     def ending_cleanly(self):
         """Around the epochs: a resumed folder is brought up to date first; every way out (the end, a NaN,
         a stop, any other error) waits for the files in writing and says how to go on."""
-        paths = self.paths
         if self.history:
             self.world.together(self.catch_up_files, here=self.world.main)
         self.resumed = None  # its tensors are in the model and optimizer now
@@ -478,7 +416,7 @@ class Run:
             self.files_written()
         except Diverged as error:
             done = self.files_written()
-            saved = f"{paths[LAST_NAME]} still holds epoch {done}" if done else "no epoch was saved"
+            saved = f"{self.paths[LAST_NAME]} still holds epoch {done}" if done else "no epoch was saved"
             raise Diverged(f"{error}; {saved}. Lower --lr (or check the data) and start again") from None
         except (Stopped, KeyboardInterrupt) as error:
             done = self.files_written()  # every rank waits here until rank 0's files are complete

@@ -89,12 +89,15 @@ def test_default_workers_leave_a_core_to_the_training_process(monkeypatch):
 
 
 def test_sync_bn_with_compile_warns_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(loop, "resolve_device", lambda *a: (torch.device("cuda", 0), "bf16"))
+    monkeypatch.setattr(devices, "pick_device", lambda name, index: torch.device("cuda", 0))  # an H100's facts
+    monkeypatch.setattr(devices, "read_facts", lambda device: devices.Facts("cuda", (9, 0)))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90"])
+    monkeypatch.setattr(devices, "check_computes", lambda device: None)
     args = argparse.Namespace(device="cuda", precision="auto", compile=True, sync_bn=True)
-    train.resolve_device(args, distributed.World(launched=True, size=2, local_size=2))
+    loop.resolve_device(args, distributed.World(launched=True, size=2, local_size=2))
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--sync-bn with --compile" in err
-    train.resolve_device(argparse.Namespace(**dict(vars(args), compile=False)), distributed.World(launched=True, size=2))
+    loop.resolve_device(argparse.Namespace(**dict(vars(args), compile=False)), distributed.World(launched=True, size=2))
     assert capsys.readouterr().err == ""
 
 
@@ -123,8 +126,8 @@ def test_a_t4_gets_fp16_although_torch_calls_bf16_supported(monkeypatch, capsys)
     probed = []
     monkeypatch.setattr(devices, "check_computes", probed.append)  # no GPU here to run its first computation
     args = train.build_parser().parse_args(["--device", "cuda"])
-    assert train.resolve_device(args) == (torch.device("cuda"), "fp16") and probed == [torch.device("cuda")]
-    train.resolve_device(train.build_parser().parse_args(["--device", "cuda", "--precision", "bf16"]))
+    assert loop.resolve_device(args) == (torch.device("cuda"), "fp16") and probed == [torch.device("cuda")]
+    loop.resolve_device(train.build_parser().parse_args(["--device", "cuda", "--precision", "bf16"]))
     assert "slow fallback kernels" in capsys.readouterr().err
 
 
@@ -235,7 +238,7 @@ def test_peak_memory_units_by_platform():
 
 
 def test_gradcam_accepts_mps_and_says_when_absent(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     code, err = run_main(gradcam, ["--image", save_test_images(tmp_path)[0], "--device", "mps"], capsys)
     assert code == 2 and "this machine has no MPS" in err and len(err.strip().splitlines()) == 1, err
 
@@ -399,7 +402,7 @@ def test_cuda_failing_at_start_up_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices, "read_facts", broken_driver)
     with pytest.raises(devices.DeviceError, match=r"^--device cuda: the device cannot be used \(RuntimeError\); check"):
-        loop.resolve_device("cuda", "auto", False)
+        loop.resolve_device(argparse.Namespace(device="cuda", precision="auto", compile=False))
 
 
 def test_resume_keeps_this_machines_optimizer_implementation(data_dir, tmp_path):

@@ -228,8 +228,8 @@ def test_too_few_training_images_for_the_processes_is_one_line(data_dir):
     data = augment.load_dataset("cifar10", data_dir, download=False)
     args = train.build_parser().parse_args(["--train-subset", "4"])
     with pytest.raises(train.UsageError, match="4 training images cannot be shared among 8 processes"):
-        train.split_data(data, args, distributed.World(size=8, local_size=8, launched=True))
-    assert len(train.split_data(data, args, distributed.World(size=4, local_size=4, launched=True))[0][0]) == 4
+        augment.split_data(data, args, distributed.World(size=8, local_size=8, launched=True))
+    assert len(augment.split_data(data, args, distributed.World(size=4, local_size=4, launched=True))[0][0]) == 4
 
 
 def test_subsets_and_dropped_images_are_said(data_dir, tmp_path, capsys):
