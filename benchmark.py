@@ -1,12 +1,12 @@
 """Where the training time goes, on synthetic CIFAR-size images (no download): the input pipeline, the
-model step and the full loop of train.py, each in images per second, and the speedup over the seed
-project's settings, all measured in the same run. Prints a table and writes benchmark.json.
+model step and train.py's full loop in images per second, each beside its baseline, all measured in the
+same run. Prints a table and writes benchmark.json.
 
     python benchmark.py                                        # 3 timed steps a row on a CPU, 100 on a GPU
     python benchmark.py --device cpu --batch-size 128 --steps 5
     torchrun --standalone --nproc_per_node 8 benchmark.py      # adds the gradient all-reduce and scaling
 
-Under torchrun --batch-size is the global batch, as in train.py; the table then adds the step under
+Under torchrun --batch-size is the global batch, as in train.py; the table adds the step under
 DistributedDataParallel, the gradient all-reduce alone, and the scaling efficiency (the N processes'
 images/s over N times one process's, at the same batch per process).
 """
@@ -58,14 +58,11 @@ def build_parser():
 
 
 def check_args(args, world):
-    for name in ("batch_size", "steps"):
+    for name, least in (("batch_size", 1), ("steps", 1), ("workers", 0), ("seed", 0)):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    for name in ("workers", "seed"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UsageError(f"--{name} must not be negative (got {value})")
+        if value is not None and value < least:
+            rule = "must be at least 1" if least else "must not be negative"
+            raise UsageError(f"--{name.replace('_', '-')} {rule} (got {value})")
     if args.batch_size % world.size:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch and does not divide among "
                          f"{world.size} processes; give a multiple of {world.size}")
@@ -85,13 +82,9 @@ def synthetic_images(count, seed=0):
 
 
 def measure_pipeline(args, device, workers, batches, world, normalize_in_workers=False):
-    """Augmentation + DataLoader + host-to-device copy alone: about `batches` batches, timed after one
-    warm-up pass (workers started). The synthetic images are at most 100 batches (157 MB at batch 512),
-    passed over several times when more batches are wanted, rather than 1.6 GB for a GPU's 1,000.
-
-    normalize_in_workers: float32 batches normalized by albumentations, instead of uint8 batches that
-    the device normalizes: 4x the bytes through the worker queues and the copy.
-    """
+    """Augmentation + DataLoader + host-to-device copy alone: about `batches` batches, timed after a warm-up
+    pass. At most 100 batches of images (157 MB at batch 512), passed over again for more. normalize_in_workers:
+    float32 batches normalized by albumentations (4x the bytes through the queues and the copy)."""
     pool = min(batches, 100)
     images, labels = synthetic_images(args.batch_size * pool)
     # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
@@ -255,40 +248,35 @@ def distributed_rows(run, precision, device, steps, world, step_alone):
             "scaling_efficiency": ddp_step / step_alone}
 
 
-def distributed_table_rows(r):
-    """The rows that only a torchrun launch measures."""
-    if "ddp_step_images_per_s" not in r:
-        return []
-    size = r["world_size"]
-    return [(f"model step, DistributedDataParallel, all {size} processes", f"{r['ddp_step_images_per_s']:,.0f} img/s"),
-            ("  its time per step", f"{r['step_ms']:,.1f} ms"),
-            (f"  gradient all-reduce alone ({r['gradient_mb']:.1f} MiB, {r['backend']})",
-             f"{r['all_reduce_ms']:,.1f} ms"),
-            (f"scaling efficiency: {size}-process step / ({size} x one process's)", f"{r['scaling_efficiency']:.2f}")]
+# The table: (label, key in the result, format); labels name result keys in braces. A row whose value is
+# missing (the torchrun rows in one process) or None (the default malloc, without heap reuse) is left out.
+TABLE = [
+    ("input pipeline alone (augment + DataLoader + copy){one_of}", "pipeline_images_per_s", "{:,.0f} img/s"),
+    ("  per worker ({workers})", "pipeline_per_worker_images_per_s", "{:,.0f} img/s"),
+    ("  workers (a core each) to feed 40,000 img/s", "workers_to_feed_40k_images_per_s", "{:.1f}"),
+    ("  normalized to float32 in the workers instead", "pipeline_normalized_in_workers_images_per_s", "{:,.0f} img/s"),
+    ("augmentation alone, one core", "augmentation_per_core_images_per_s", "{:,.0f} img/s"),
+    ("  the same, cutout by albumentations' CoarseDropout", "coarse_dropout_per_core_images_per_s", "{:,.0f} img/s"),
+    ("  speedup of the cheap cutout", "cutout_speedup_per_core", "{:.2f}x"),
+    ("model step alone (forward + backward + SGD){one_of}", "step_images_per_s", "{:,.0f} img/s"),
+    ("  the same, glibc's default malloc (no heap reuse)", "step_default_malloc_images_per_s", "{:,.0f} img/s"),
+    ("model step, DistributedDataParallel, all {world_size} processes", "ddp_step_images_per_s", "{:,.0f} img/s"),
+    ("  its time per step", "step_ms", "{:,.1f} ms"),
+    ("  gradient all-reduce alone ({gradient_mb:.1f} MiB, {backend})", "all_reduce_ms", "{:,.1f} ms"),
+    ("scaling efficiency: {world_size}-process step / ({world_size} x one process's)", "scaling_efficiency", "{:.2f}"),
+    ("full training loop{all_of}", "full_loop_images_per_s", "{:,.0f} img/s"),
+    ("efficiency: full{per_process} / min(pipeline, step)", "efficiency", "{:.2f}"),
+    ("seed's settings: batch 64, fp32, NCHW, 4 workers", "seed_settings_images_per_s", "{:,.0f} img/s"),
+    ("speedup over the seed's settings", "speedup_over_seed_settings", "{:.2f}x"),
+    ("peak {peak_memory_kind}", "peak_memory_mb", "{:,.0f} MiB"),
+]
 
 
 def benchmark_table(r):
-    size = r["world_size"]
-    per_process = f" (one of {size} processes)" if size > 1 else ""
-    rows = [(f"input pipeline alone (augment + DataLoader + copy){per_process}",
-             f"{r['pipeline_images_per_s']:,.0f} img/s"),
-            (f"  per worker ({r['workers']})", f"{r['pipeline_per_worker_images_per_s']:,.0f} img/s"),
-            ("  workers (a core each) to feed 40,000 img/s", f"{r['workers_to_feed_40k_images_per_s']:.1f}"),
-            ("  normalized to float32 in the workers instead",
-             f"{r['pipeline_normalized_in_workers_images_per_s']:,.0f} img/s"),
-            ("augmentation alone, one core", f"{r['augmentation_per_core_images_per_s']:,.0f} img/s"),
-            ("  the same, cutout by albumentations' CoarseDropout", f"{r['coarse_dropout_per_core_images_per_s']:,.0f} img/s"),
-            ("  speedup of the cheap cutout", f"{r['cutout_speedup_per_core']:.2f}x"),
-            (f"model step alone (forward + backward + SGD){per_process}", f"{r['step_images_per_s']:,.0f} img/s"),
-            *([("  the same, glibc's default malloc (no heap reuse)",
-                f"{r['step_default_malloc_images_per_s']:,.0f} img/s")] if r["cpu_heap_reuse"] else []),
-            *distributed_table_rows(r),
-            (f"full training loop{f', all {size} processes' if size > 1 else ''}",
-             f"{r['full_loop_images_per_s']:,.0f} img/s"),
-            (f"efficiency: full{' / processes' if size > 1 else ''} / min(pipeline, step)", f"{r['efficiency']:.2f}"),
-            ("seed's settings: batch 64, fp32, NCHW, 4 workers", f"{r['seed_settings_images_per_s']:,.0f} img/s"),
-            ("speedup over the seed's settings", f"{r['speedup_over_seed_settings']:.2f}x"),
-            (f"peak {r['peak_memory_kind']}", f"{r['peak_memory_mb']:,.0f} MiB")]
+    several = r["world_size"] > 1
+    names = dict(r, one_of=f" (one of {r['world_size']} processes)" if several else "",
+                 all_of=f", all {r['world_size']} processes" if several else "", per_process=" / processes" * several)
+    rows = [(label.format(**names), form.format(r[key])) for label, key, form in TABLE if r.get(key) is not None]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value:>14}" for name, value in rows)
 

@@ -1,17 +1,13 @@
-"""Grad-CAM (and Grad-CAM++) of a trained checkpoint on any image, as a picture.
+"""Grad-CAM (and Grad-CAM++) of a trained checkpoint on any image, as a picture. Everything it needs
+(model arguments, class names, mean, std) comes from the checkpoint.
 
     python gradcam.py --image dog.png --layer layer4                    # predicted class, writes dog_gradcam.png
     python gradcam.py --image a.jpg b.png --layer layer3 layer4 --class cat --method gradcam++
     python gradcam.py --misclassified 25 --layer layer4                 # a grid over the CIFAR test set
 
-From a notebook:
-
-    from gradcam import GradCAM
+    from gradcam import GradCAM                                         # from a notebook
     maps, logits, targets = GradCAM(model, ["layer4"])(images)          # maps: (B, layers, H, W) in [0, 1]
-
-Everything the picture needs (model arguments, class names, mean, std) comes from the checkpoint.
 """
-import contextlib
 import io
 import math
 import os
@@ -33,19 +29,6 @@ METHODS = ("gradcam", "gradcam++")
 
 # ----------------------------------------------------------------------------- the method
 
-@contextlib.contextmanager
-def capture_outputs(modules):
-    """Record each module's forward output while inside; the hooks are removed on leaving, even on error."""
-    outputs = {}
-    handles = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-               for name, module in modules.items()]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def channel_weights(activations, gradients, method):
     """Grad-CAM: the spatial mean of d(score)/dA. Grad-CAM++: Chattopadhyay et al. 2018, eq. 19."""
     if method == "gradcam":
@@ -60,8 +43,7 @@ def channel_weights(activations, gradients, method):
 
 def min_max(maps, eps=1e-7):
     """Scale each (H, W) map to [0, 1]; the small eps keeps an all-zero map at zero."""
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    maps = maps - low
+    maps = maps - maps.amin(dim=(-2, -1), keepdim=True)
     return maps / (maps.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
@@ -84,13 +66,10 @@ def find_modules(model, layers):
 
 
 class GradCAM:
-    """Grad-CAM or Grad-CAM++ maps of `model` at one or more layers (module paths).
-
-    Calling it with a normalized batch (B, 3, H, W) returns (maps, logits, targets): maps (B, layers, H, W)
-    in [0, 1], one per layer in the given order, for `targets` (class indices; default: the predicted
-    class), computed on the raw logit. The hooks exist only during a call; the model's train/eval mode
-    and its parameters' requires_grad flags are left as found, and no parameter's .grad is touched.
-    """
+    """Grad-CAM or Grad-CAM++ maps of `model` at one or more layers (module paths). Called with a normalized
+    batch (B, 3, H, W), it returns (maps, logits, targets): maps (B, layers, H, W) in [0, 1] for `targets`
+    (class indices; default: the predicted class), computed on the raw logit. Hooks exist only during a
+    call; the model's modes, requires_grad flags and parameters' .grad are left as found."""
 
     def __init__(self, model, layers, method="gradcam"):
         if method not in METHODS:
@@ -103,10 +82,13 @@ class GradCAM:
         # Each module's own mode: a model training with frozen BatchNorm layers (bn.eval()) keeps them so.
         modes = {module: module.training for module in self.model.modules()}
         self.model.eval()
+        outputs = {}
+        hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+                 for name, module in self.modules.items()]
         try:
             # An input that needs a gradient makes a graph even when every parameter is frozen.
             images = images.detach().clone().requires_grad_(True)
-            with torch.enable_grad(), capture_outputs(self.modules) as outputs:
+            with torch.enable_grad():
                 logits = self.model(images)
                 if targets is None:
                     targets = logits.argmax(dim=1)
@@ -117,6 +99,8 @@ class GradCAM:
             maps = [cam_map(a.detach().float(), g.float(), self.method, images.shape[-2:])
                     for a, g in zip(activations, gradients)]
         finally:
+            for hook in hooks:
+                hook.remove()
             for module, training in modes.items():
                 module.training = training
         return torch.stack(maps, dim=1), logits.detach(), targets
@@ -133,9 +117,8 @@ class GradCAM:
 # ----------------------------------------------------------------------------- images
 
 def load_image(path):
-    """Any image Pillow reads -> RGB uint8 (H, W, 3), upright as its EXIF orientation says (a phone's
-    photo); transparency (an alpha channel or a colour key) is composited over white, 16-bit and 32-bit
-    integer images are read at their 16-bit range, float images in [0, 1]."""
+    """Any image Pillow reads -> RGB uint8 (H, W, 3), upright as its EXIF orientation says; transparency
+    over white; 16- and 32-bit integer images at their 16-bit range, float images in [0, 1]."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with Image.open(path) as opened:
@@ -144,9 +127,7 @@ def load_image(path):
             if image.mode.startswith("I") or image.mode == "F":
                 return grey_at_its_range(np.asarray(image), image.mode, path)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, rgba)
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise UsageError(f"image {path} not found") from None
@@ -159,19 +140,13 @@ def load_image(path):
 
 
 def grey_at_its_range(pixels, mode, path):
-    """A 16-bit, 32-bit integer or float grey image -> RGB uint8. Pillow's own convert("RGB") clips such
-    pixels at 255, which turns a 16-bit photo all white."""
-    pixels = pixels.astype(np.float64)
-    if mode == "F":
-        if not (pixels.min() >= 0 and pixels.max() <= 1):  # also catches NaN
-            raise UsageError(f"{path} is a floating-point image with values outside [0, 1] "
-                             f"({np.nanmin(pixels):.4g} to {np.nanmax(pixels):.4g}); save it as an 8-bit image")
-        scaled = pixels * 255
-    else:
-        if pixels.min() < 0 or pixels.max() > 65535:
-            raise UsageError(f"{path} has {mode} pixels outside the 16-bit range 0-65535; save it as an 8-bit image")
-        scaled = pixels / 257  # 65535 -> 255
-    grey = np.round(scaled).astype(np.uint8)
+    """A 16-bit, 32-bit integer or float grey image -> RGB uint8 (Pillow's convert("RGB") clips at 255,
+    which turns a 16-bit photo all white)."""
+    pixels, top = pixels.astype(np.float64), 1 if mode == "F" else 65535
+    if not (pixels.min() >= 0 and pixels.max() <= top):  # also catches NaN
+        raise UsageError(f"{path} has {mode} pixels outside 0-{top} ({np.nanmin(pixels):.4g} to "
+                         f"{np.nanmax(pixels):.4g}); save it as an 8-bit image")
+    grey = np.round(pixels * (255 / top)).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
 
@@ -199,24 +174,20 @@ def build_parser():
                         help="image(s) to explain: any format and size Pillow reads")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
     parser.add_argument("--layer", nargs="+", default=["layer4"], metavar="NAME",
-                        help="module path(s): layer3, layer4, layer4.1, layer4.1.conv2, ...; one row each "
-                             "(several with --image only) (default: layer4)")
-    parser.add_argument("--class", dest="target", default=None, metavar="NAME|INDEX",
+                        help="module path(s), one row each: layer3, layer4, layer4.1.conv2, ... (default: layer4)")
+    parser.add_argument("--class", dest="target", metavar="NAME|INDEX",
                         help="with --image: explain this class instead of the predicted one")
     parser.add_argument("--method", choices=METHODS, default="gradcam",
                         help="Grad-CAM or Grad-CAM++ (default: %(default)s)")
-    parser.add_argument("--out", default=None,
-                        help="picture to write, in the format its extension names (.png, .jpg, .pdf, .svg, ...) "
-                             "(default: IMAGE_gradcam.png beside the first image, or gradcam_misclassified.png / "
-                             "gradcam_correct.png)")
-    parser.add_argument("--save-npy", default=None, metavar="FILE",
+    parser.add_argument("--out", help="picture to write, in the format its extension names (.png, .pdf, ...) "
+                                      "(default: IMAGE_gradcam.png beside the first image, or gradcam_KIND.png)")
+    parser.add_argument("--save-npy", metavar="FILE",
                         help="also save the maps, float32 (images, layers, 32, 32) in [0, 1]")
-    parser.add_argument("--misclassified", type=int, default=None, metavar="N",
+    parser.add_argument("--misclassified", type=int, metavar="N",
                         help="instead of --image: a grid of N misclassified CIFAR test images")
-    parser.add_argument("--correct", type=int, default=None, metavar="N",
+    parser.add_argument("--correct", type=int, metavar="N",
                         help="instead of --image: a grid of N correctly classified CIFAR test images")
-    parser.add_argument("--data-dir", default=None,
-                        help="where the dataset is (default: the folder the checkpoint's run used, else ./data)")
+    parser.add_argument("--data-dir", help="where the dataset is (default: the folder the checkpoint's run used, else ./data)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the --misclassified/--correct choice (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
@@ -250,8 +221,7 @@ def load_model(path, device):
     for key in ("model", "model_args", "classes", "mean", "std"):
         if key not in checkpoint:
             raise CheckpointError(f"{path} lacks '{key}': it cannot be explained")
-    model = model_from_checkpoint(checkpoint).to(device).eval()
-    return model, checkpoint
+    return model_from_checkpoint(checkpoint).to(device).eval(), checkpoint
 
 
 def parse_class(text, classes):
@@ -283,21 +253,18 @@ def explain_images(args, model, checkpoint, device):
     target = parse_class(args.target, classes)
     originals = [load_image(path) for path in args.image]
     small = np.stack([resize(image, (32, 32)) for image in originals])
-    cam = GradCAM(model, args.layer, args.method)
-    maps, logits, targets = cam(model_input(small, checkpoint, device), target)
+    maps, logits, targets = GradCAM(model, args.layer, args.method)(model_input(small, checkpoint, device), target)
     probabilities = logits.float().softmax(dim=1).cpu()
     maps, targets = maps.cpu().numpy(), targets.cpu().tolist()
     out = args.out or f"{os.path.splitext(args.image[0])[0]}_gradcam.png"
-    rows = [(i, j) for i in range(len(originals)) for j in range(len(args.layer))]
-    figure = image_figure(rows, args, originals, small, maps, targets, probabilities, classes)
-    cli.save_figure(figure, out)
+    cli.save_figure(image_figure(args, originals, small, maps, targets, probabilities, classes), out)
     lines = [top5_lines(path, p, classes) for path, p in zip(args.image, probabilities)]
     return maps, lines + [f"wrote {out}"]
 
 
 def display_copy(image, longest=1024):
-    """The original for drawing: a figure panel shows a few hundred pixels, so a large photo is drawn at
-    most `longest` pixels wide or high (a 12-megapixel overlay at full size would need gigabytes)."""
+    """The original, at most `longest` pixels wide or high for drawing (a panel shows a few hundred; a
+    12-megapixel overlay at full size would need gigabytes)."""
     height, width = image.shape[:2]
     scale = min(1.0, longest / max(height, width))
     if scale == 1.0:
@@ -306,7 +273,8 @@ def display_copy(image, longest=1024):
     return shown, f"{width}x{height}, drawn at {shown.shape[1]}x{shown.shape[0]}"
 
 
-def image_figure(rows, args, originals, small, maps, targets, probabilities, classes):
+def image_figure(args, originals, small, maps, targets, probabilities, classes):
+    rows = [(i, j) for i in range(len(originals)) for j in range(len(args.layer))]
     figure = cli.new_figure((12, 3.3 * len(rows)))
     axes = figure.subplots(len(rows), 4, squeeze=False)
     method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
@@ -382,17 +350,10 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
     images_are = "test images" if official else "held-out images, not the official test set"
     title = (f"{kind} {images_are} (true / predicted), {method} of the prediction at {args.layer[0]}, "
              f"seed {args.seed}")
-    # Wrapped to the figure's width (2 inches a column; at 10 points about 11 characters an inch fit), or a
-    # small grid cuts its title off at both sides.
+    # Wrapped to the figure's width (2 inches a column, about 11 characters an inch at 10 points).
     figure.suptitle(textwrap.fill(title, width=22 * columns), fontsize=10)
     figure.tight_layout()
     return figure
-
-
-def save_maps(path, maps):
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(maps, dtype=np.float32))
-    cli.write_file(path, buffer.getvalue())
 
 
 def explain(args):
@@ -408,7 +369,9 @@ def explain(args):
     else:
         maps, lines = explain_test_grid(args, model, checkpoint, device)
     if args.save_npy:
-        save_maps(args.save_npy, maps)
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(maps, dtype=np.float32))
+        cli.write_file(args.save_npy, buffer.getvalue())
         lines.append(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
     if checkpoint.get("data", {}).get("official") is False:
         dataset = augment.DATASETS.get(checkpoint.get("dataset"), augment.CIFAR10).title

@@ -3,9 +3,8 @@
     python plot_curves.py log.json                          # writes log_curves.png (+ log_confusion.png)
     python plot_curves.py seed/log.json log.json --labels seed ours --out compare.png
 
-Several logs are overlaid in one picture, one colour per run. For a single finished run, a second picture
-shows its confusion matrix and per-class accuracy (--no-confusion skips it). A log of a run still in
-progress plots the epochs it has. Needs only the JSON log: no torch, it starts fast.
+Several logs share one picture, a colour each; a single finished run also gets its confusion matrix and
+per-class accuracy; a run in progress plots the epochs it has. No torch: it starts fast.
 """
 import json
 import math
@@ -22,15 +21,11 @@ RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"
 def build_parser():
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log.json file(s) written by train.py")
-    parser.add_argument("--out", default=None,
-                        help="picture to write, in the format its extension names (.png, .pdf, .svg, ...) "
-                             "(default: LOG_curves.png beside the first log, or compare_curves.png there for "
-                             "several logs)")
-    parser.add_argument("--labels", nargs="+", default=None, help="one name per log (default: from the paths)")
+    parser.add_argument("--out", help="picture to write, in the format its extension names (.png, .pdf, ...) "
+                                      "(default: LOG_curves.png beside the first log; compare_curves.png for several)")
+    parser.add_argument("--labels", nargs="+", help="one name per log (default: from the paths)")
     parser.add_argument("--no-confusion", dest="confusion", action="store_false",
-                        help="skip the confusion-matrix picture (written beside the curves as NAME_confusion.EXT, "
-                             "NAME being their name without _curves, for a single log that has one, i.e. a "
-                             "finished run)")
+                        help="skip a finished run's confusion-matrix picture (NAME_confusion.EXT beside the curves)")
     return parser
 
 
@@ -53,14 +48,14 @@ def read_log(path):
     if not log["epochs"]:
         raise UsageError(f"{path} has no finished epoch yet; plot it after the first epoch")
     for record in log["epochs"]:
-        if not isinstance(record, dict) or any(key not in record for key in RECORD_KEYS):
-            raise UsageError(f"{path} has an epoch record without {', '.join(RECORD_KEYS)}")
+        numbers = isinstance(record, dict) and all(type(record.get(key)) in (int, float) for key in RECORD_KEYS)
+        if not numbers:
+            raise UsageError(f"{path} has an epoch record without numbers for {', '.join(RECORD_KEYS)}")
     return log
 
 
 def evaluated_on(log):
-    """What the log's "test" accuracies were measured on, in words: train.py records whether the files
-    matched the official checksums and whether --test-subset was used."""
+    """What the log's "test" accuracies were measured on, in words."""
     data = log.get("data") or {}
     held_out = data.get("official") is False
     if data.get("test_subset"):
@@ -79,8 +74,7 @@ def nan_epochs(log):
 
 
 def summary(log):
-    """Final and best test accuracy, epochs, time and device, from the epoch records themselves
-    (so that a run still in progress is summarized the same way)."""
+    """Final and best test accuracy, epochs, time and device, from the epoch records (a run in progress too)."""
     epochs = log["epochs"]
     finite = [r for r in epochs if not math.isnan(r["test_acc"])] or epochs
     best = max(finite, key=lambda r: (r["test_acc"], -r["epoch"]))
@@ -210,8 +204,7 @@ def default_labels(paths):
 
 
 def plot(args):
-    """Write every picture, then return the lines to print: a reader that stops early (`| head -1`)
-    loses no picture."""
+    """Write every picture, then return the lines to print (a reader that stops early loses no picture)."""
     if args.labels is not None and len(args.labels) != len(args.logs):
         raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
     if args.out is not None:

@@ -117,12 +117,10 @@ def build_parser(recipe="default"):
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(loop.RECIPES), default="default",
-                        help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as "
-                             "published) or seed (the project this started from, with a validation split); "
-                             "flags given beside it override it; README.md, The recipe (default: %(default)s)")
+                        help="a whole recipe in one word: default, airbench (its ResNet-18 baseline as published) or "
+                             "seed (the project this started from); flags beside it override it (default: %(default)s)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10",
-                      help="dataset (default: %(default)s)")
+    data.add_argument("--dataset", choices=sorted(augment.DATASETS), default="cifar10", help="(default: %(default)s)")
     data.add_argument("--data-dir", default="./data",
                       help="folder holding (or receiving) the dataset (default: %(default)s)")
     data.add_argument("--no-download", dest="download", action="store_false",
@@ -130,43 +128,38 @@ def build_parser(recipe="default"):
     data.add_argument("--train-subset", type=int, default=0, metavar="N",
                       help="train on the first N training images only (0: all), for quick runs (default: %(default)s)")
     data.add_argument("--test-subset", type=int, default=0, metavar="N",
-                      help="evaluate on N test images only (0: all): the same, class-balanced images every "
-                           "epoch, for quick runs; their accuracy is not the test accuracy (default: %(default)s)")
+                      help="evaluate on N class-balanced test images only (0: all), for quick runs; their "
+                           "accuracy is not the test accuracy (default: %(default)s)")
     data.add_argument("--val-split", type=int, metavar="N",
-                      help="hold out N training images as a validation set; the plateau schedule and "
-                           "best.pt then watch it instead of the training loss / test accuracy (default: %(default)s)")
-    data.add_argument("--workers", type=int, default=None,
-                      help="DataLoader workers (default: the CPU count less one for the training process, at most "
-                           "16; under torchrun the cores are shared by the machine's processes)")
+                      help="hold out N training images for validation, which the plateau schedule and best.pt "
+                           "then watch (default: %(default)s)")
+    data.add_argument("--workers", type=int,
+                      help="DataLoader workers (default: the cores less one, at most 16; shared under torchrun)")
 
     aug = parser.add_argument_group("augmentation")
     aug.add_argument("--pad-crop", type=int, metavar="PIXELS",
                      help="reflect-pad by this many pixels, then random 32x32 crop (0: off) (default: %(default)s)")
     aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
     aug.add_argument("--cutout", type=int, metavar="PIXELS",
-                     help="side of the one square cutout hole, filled with the mean colour (0: off) "
-                          "(default: %(default)s)")
+                     help="side of the square hole filled with the mean colour (0: off) (default: %(default)s)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=50, help="training epochs (default: %(default)s)")
     opt.add_argument("--batch-size", type=int,
-                     help="images per step; under torchrun the global batch, split among the processes "
-                          "(default: %(default)s)")
-    opt.add_argument("--lr", type=float, 
-                     help="peak learning rate (default: 0.2 * batch-size / 500)")
+                     help="images per step; under torchrun the global batch (default: %(default)s)")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default: 0.2 * batch-size / 500)")
     opt.add_argument("--momentum", type=float, help="SGD momentum (default: %(default)s)")
     opt.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
     opt.add_argument("--weight-decay", type=float, help="L2 weight decay (default: %(default)s)")
     opt.add_argument("--label-smoothing", type=float, help="label smoothing (default: %(default)s)")
     opt.add_argument("--schedule", choices=(*loop.ONE_CYCLE_SHAPES, "plateau"),
-                     help="stepped every batch: onecycle (cosine up from peak/25, cosine down: PyTorch's "
-                          "OneCycleLR) or linear (straight up from peak/5, straight down: airbench's); "
-                          "plateau: ReduceLROnPlateau on the validation accuracy (with --val-split) or else "
-                          "the training loss, never the test set (default: %(default)s)")
+                     help="onecycle (PyTorch's OneCycleLR, cosine) or linear (airbench's), stepped every batch; "
+                          "plateau: ReduceLROnPlateau on the validation accuracy, else the training loss, never "
+                          "the test set (default: %(default)s)")
     opt.add_argument("--warmup", type=float, metavar="FRACTION",
-                     help="onecycle, linear: fraction of the steps spent warming up (default: %(default)s)")
+                     help="onecycle, linear: fraction of the steps warming up (default: %(default)s)")
     opt.add_argument("--plateau-patience", type=int, metavar="EPOCHS",
-                     help="plateau: epochs without improvement before the lr is divided by 10 (default: %(default)s)")
+                     help="plateau: epochs without improvement before the lr drops 10x (default: %(default)s)")
 
     speed = parser.add_argument_group("device and speed")
     speed.add_argument("--device", default="auto",
@@ -178,26 +171,22 @@ def build_parser(recipe="default"):
                        help="keep the NCHW memory format")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--sync-bn", action="store_true",
-                       help="under torchrun on GPUs: BatchNorm statistics over the global batch "
-                            "(SyncBatchNorm) instead of each process's share; slower (a GPU-CPU sync in each "
-                            "BatchNorm layer)")
+                       help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); "
+                            "slower")
     speed.add_argument("--seed", type=int, default=0,
                        help="seed of weights, data order and augmentation (default: %(default)s)")
     speed.add_argument("--deterministic", action="store_true",
-                       help="deterministic algorithms only (slower); with it a resumed CPU run repeats an "
-                            "uninterrupted one exactly. On a GPU inside a notebook that used it already, set "
-                            "CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python to be sure")
+                       help="deterministic algorithms only (slower): a resumed CPU run repeats an uninterrupted "
+                            "one exactly (in a notebook on a GPU, set CUBLAS_WORKSPACE_CONFIG=:4096:8 first)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out-dir", default=None,
-                     help=f"where {LOG_NAME}, {LAST_NAME} and {BEST_NAME} go (default: the current "
-                          "folder, or the folder of --resume)")
+    out.add_argument("--out-dir", help=f"where {LOG_NAME}, {LAST_NAME} and {BEST_NAME} go (default: the "
+                                       "current folder, or the folder of --resume)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the files of another run found in --out-dir (refused without it)")
-    out.add_argument("--resume", metavar="PATH", default=None,
-                     help=f"continue the run saved in this {LAST_NAME}: the recipe comes from it (--data-dir and "
-                          "--no-download keep its values unless given), the machine's flags (--device, --precision, "
-                          "--workers, ...) and the number of processes from the command line")
+    out.add_argument("--resume", metavar="PATH",
+                     help=f"continue the run saved in this {LAST_NAME}: its recipe (--data-dir and --no-download "
+                          "keep theirs unless given), this command line's --device, --precision, --workers, ...")
     parser.set_defaults(**loop.RECIPES[recipe], recipe=recipe)
     if recipe == "seed":
         parser.set_defaults(**loop.SEED_MACHINE)

@@ -70,12 +70,14 @@ def test_plot_curves_bad_input(trained_run, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"loss": [1, 2]}))
     log = json.loads((trained_run / "log.json").read_text())
     (tmp_path / "empty.json").write_text(json.dumps(dict(log, epochs=[])))
+    (tmp_path / "words.json").write_text(json.dumps(dict(log, epochs=[dict(log["epochs"][0], test_acc="high")])))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     cases = [([str(tmp_path / "missing.json")], "not found"),
              ([str(tmp_path / "text.json")], "is not JSON"),
              ([str(tmp_path / "other.json")], "not a training log"),
              ([str(tmp_path / "empty.json")], "no finished epoch"),
+             ([str(tmp_path / "words.json")], "without numbers for"),
              ([str(trained_run / "log.json"), "--out", str(blocker / "x.png")], "cannot write"),
              ([str(trained_run / "log.json"), "--labels", "a", "b"], "one name per log"),
              ([str(trained_run / "log.json"), "--out", str(tmp_path / "x.doc")], "name a picture format")]
