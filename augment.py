@@ -156,8 +156,10 @@ def _read_batches(folder, files, spec):
         path = os.path.join(folder, name)
         entry = _read_pickle(path, spec)
         try:
-            data, batch_labels = entry["data"], np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
-            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] in ((3072,), (3, 32, 32))):
+            data = entry["data"]
+            batch_labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            cifar = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] in ((3072,), (3, 32, 32))
+            if not cifar:
                 found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
                 raise ValueError(f"its 'data' is {found}, not CIFAR's uint8 rows of 3072 (CHW) values, (N, 3072)")
             if batch_labels.ndim != 1 or (batch_labels.size and not np.issubdtype(batch_labels.dtype, np.integer)):

@@ -51,7 +51,8 @@ def build_parser():
                         help="DataLoader workers (default: as train.py's, the CPU count less one, at most 16)")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="timed steps per row (default: 3 on a CPU, about 100 s on 2 cores; 100 on a GPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the augmentation (default: 0); the synthetic images are fixed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights and the augmentation; the images are fixed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     parser.add_argument("--out-dir", default=".", help="where benchmark.json goes (default: the current folder)")
     return parser
@@ -119,7 +120,7 @@ def workers_stopped(loader):
 def augmentation_rate(args, images, cutout=None):
     """Images per second through the training transform in this process: what one worker core gives.
     cutout: another transform in the place of augment.Cutout (the baseline: albumentations' CoarseDropout)."""
-    transform = augment.train_transform(augment.CIFAR10_MEAN, cutout=args.cutout, pad_crop=args.pad_crop, flip=args.flip)
+    transform = augment.train_transform(augment.CIFAR10_MEAN, args.cutout, args.pad_crop, args.flip)
     if cutout is not None:
         transform = A.Compose([cutout if isinstance(step, augment.Cutout) else step for step in transform.transforms])
     augment.reseed(transform, args.seed)
@@ -232,7 +233,8 @@ def measure_all(args, device, precision, workers, world):
             "pipeline_images_per_s": pipeline, "pipeline_normalized_in_workers_images_per_s": pipeline_float,
             "pipeline_per_worker_images_per_s": pipeline / max(1, workers),
             "workers_to_feed_40k_images_per_s": 40_000 * max(1, workers) / pipeline, **augmentation,
-            "step_images_per_s": step, "step_default_malloc_images_per_s": step_default_heap, **result,
+            "step_images_per_s": step, **result,
+            "step_default_malloc_images_per_s": step_default_heap if heap_reuse else None,
             "full_loop_images_per_s": full,
             "efficiency": full / world.size / min(pipeline, step_per_process),
             "seed_settings_images_per_s": seed, "speedup_over_seed_settings": full / seed,
@@ -312,7 +314,7 @@ def main(argv=None):
     try:
         with distributed.quiet_unless(world.main):
             return benchmark(lambda: build_parser().parse_args(argv), world)
-    except (UsageError, devices.DeviceError, distributed.ElsewhereFailed) as error:
+    except (UsageError, devices.DeviceError, distributed.ElsewhereFailed, distributed.ProcessesDiffer) as error:
         # A device problem may be this machine's alone (its /dev/shm): each rank says its own.
         distributed.report_error(world, "benchmark.py", error, f"error: {error}",
                                  (UsageError, distributed.ElsewhereFailed, distributed.ProcessesDiffer))

@@ -59,7 +59,11 @@ class World:
         """Start `any(flag)` over the ranks without waiting: the result's .wait() gives it."""
         value = torch.tensor([int(bool(flag))])
         work = torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, async_op=True)
-        return work.get_future().then(lambda _: bool(value.item()))
+
+        def verdict(done):
+            done.value()  # raises if the collective failed (a peer gone): not a quiet "no"
+            return bool(value.item())
+        return work.get_future().then(verdict)
 
     def count(self, flag):
         """On how many ranks `flag` is true (every rank must call it)."""
@@ -128,7 +132,8 @@ class World:
             module.process_group = self.data  # not the default group's gloo: it would copy through the host
         # torch 2.13 renamed broadcast_buffers (deprecated there, with a warning) to forward_sync_buffers.
         ddp = nn.parallel.DistributedDataParallel
-        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else "broadcast_buffers")
         return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.data,
                    **{sync: not synced})
 
@@ -207,7 +212,8 @@ def on_device(world, device, precision, shared=None):
     if backend_for(device.type) == "gloo":
         return world
     # device_id: NCCL connects now, bound to this rank's GPU, rather than at the first collective.
-    return dataclasses.replace(world, backend="nccl", data=torch.distributed.new_group(backend="nccl", device_id=device))
+    group = torch.distributed.new_group(backend="nccl", device_id=device)
+    return dataclasses.replace(world, backend="nccl", data=group)
 
 
 def report_error(world, script, error, text, alike_everywhere):

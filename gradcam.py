@@ -187,7 +187,7 @@ def build_parser():
                         help="instead of --image: a grid of N misclassified CIFAR test images")
     parser.add_argument("--correct", type=int, metavar="N",
                         help="instead of --image: a grid of N correctly classified CIFAR test images")
-    parser.add_argument("--data-dir", help="where the dataset is (default: the folder the checkpoint's run used, else ./data)")
+    parser.add_argument("--data-dir", help="where the dataset is (default: the checkpoint's run's, else ./data)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the --misclassified/--correct choice (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),

@@ -60,8 +60,9 @@ def resolve_device(args, world=distributed.World()):
         facts = devices.read_facts(device)
     except RuntimeError as error:  # CUDA's start-up failing (a driver problem) on its first call
         gpu = f" (GPU {world.local_rank})" if world.launched else ""
-        raise devices.DeviceError(f"--device {args.device}{gpu}: the device cannot be used ({devices.first_line(error)}); "
-                                  f"check the GPU (nvidia-smi), or use --device cpu") from None
+        reason = devices.first_line(error)
+        raise devices.DeviceError(f"--device {args.device}{gpu}: the device cannot be used ({reason}); check the GPU "
+                                  f"(nvidia-smi), or use --device cpu") from None
     if world.launched:
         distributed.backend_for(device.type)  # refuses a device that torchrun's processes cannot connect (MPS)
     sync_bn = getattr(args, "sync_bn", False)
@@ -189,8 +190,10 @@ class Trainer:
         return augment.normalize(images, self.mean, self.std).contiguous(memory_format=layout)
 
     def step_schedule(self):
-        """The lr is a function of the step count, also for steps that the grad scaler skipped: a skipped
-        first step makes the scheduler warn that it ran before optimizer.step(), by design here."""
+        """The lr is a function of the step count, also for steps that the grad scaler skipped."""
+        if not self.scaler.is_enabled() or self.scheduler.last_epoch > 0:
+            return self.scheduler.step()  # only the scheduler's first step checks for an optimizer step
+        # A skipped first step makes the scheduler warn that it ran before optimizer.step(): by design here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()

@@ -239,7 +239,10 @@ def own_out_dir(out_dir):
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            stack.enter_context(files.folder_lock(out_dir, LOCK_NAME, refusal))  # its file: a first write there
+            probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # can new files be made there?
+            open(probe, "wb").close()
+            os.remove(probe)
+            stack.enter_context(files.folder_lock(out_dir, LOCK_NAME, refusal))
         except OSError as error:
             raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another "
                              f"--out-dir") from None
@@ -264,7 +267,8 @@ def check_new_run(args, checkpoint):
                 f"{100 * last['test_acc']:.2f}% at epoch {last['epoch']}")
         finished = len(log["epochs"]) >= log["args"]["epochs"]
     # A finished run has nothing left to resume: its --epochs are part of its recipe.
-    ways = "" if finished or LAST_NAME not in found else f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
+    resume = f"continue it with --resume {os.path.join(out_dir, LAST_NAME)}, "
+    ways = "" if finished or LAST_NAME not in found else resume
     raise UsageError(f"{out_dir}/ holds another {'finished ' if finished else ''}run ({what}); {ways}choose another "
                      f"--out-dir, or give --overwrite to replace it")
 

@@ -249,9 +249,9 @@ def prepare(read_command_line, world):
     world = distributed.on_device(world, device, precision, agreed_settings(args, checkpoint, data))
     if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
         # The same on every rank (compared just above): said once a machine.
-        raise UsageError(f"{args.resume} was trained on other classes than those in {args.data_dir} "
-                         f"({len(checkpoint['classes'])}: {', '.join(checkpoint['classes'][:3])}, ... against "
-                         f"{len(data.classes)}: {', '.join(data.classes[:3])}, ...); resume it with the run's data")
+        saved, found = (", ".join(map(str, classes[:3])) + ", ..." for classes in (checkpoint["classes"], data.classes))
+        raise UsageError(f"{args.resume} was trained on other classes ({saved}) than those in {args.data_dir} "
+                         f"({found}); resume it with the run's data")
     return args, checkpoint, device, precision, world, data, augment.split_data(data, args, world)
 
 

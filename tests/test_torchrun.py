@@ -439,6 +439,16 @@ def test_the_processes_agree_by_one_exchange_that_names_what_differs(monkeypatch
     assert distributed.World().differing(here) == {}  # one process: nothing to compare
 
 
+def test_a_failed_stop_vote_raises_rather_than_saying_go_on(monkeypatch):
+    # A peer gone (killed, out of memory) fails the vote's collective: read as "no stop", the rank would walk
+    # into the next step's all-reduce and wait there.
+    failed = torch.futures.Future()
+    failed.set_exception(RuntimeError("Connection closed by peer"))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: argparse.Namespace(get_future=lambda: failed))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        distributed.World(launched=True, size=2).vote(False).wait()
+
+
 def test_collectives_of_device_tensors_go_through_the_data_group(monkeypatch):
     # On GPUs the data group is NCCL's and the default group gloo, which would also take CUDA tensors, slowly,
     # through the host: so a collective that forgot its group would not fail there. It fails here.
