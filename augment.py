@@ -37,6 +37,7 @@ from cli import UsageError, note  # noqa: E402
 # Per-channel statistics of the training images, in [0, 1] (airbench; the often-copied
 # CIFAR-10 std (0.2023, 0.1994, 0.2010) is wrong).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
@@ -179,6 +180,9 @@ def load_dataset(name, data_dir, download=True, test_only=False):
     from them are never mistaken for official ones (`official` says which). test_only: the training
     arrays come back empty."""
     spec = DATASETS[name]
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DatasetError(f"--data-dir {data_dir} is a file, not a folder; give the folder that holds (or will "
+                           f"hold) {spec.folder}/")
     folder = os.path.join(data_dir, spec.folder)
     train_files = () if test_only else spec.train_files
     needed = train_files + spec.test_files + (spec.meta_file,)
@@ -204,6 +208,9 @@ def load_dataset(name, data_dir, download=True, test_only=False):
     labels = np.concatenate([train_labels, test_labels])
     if not classes or labels.max() >= len(classes) or labels.min() < 0:
         raise DatasetError(f"{folder}/ has labels outside its {len(classes)} class names")
+    if name == "cifar10" and classes != CIFAR10_CLASSES:
+        print(f"warning: {folder}/ holds other classes than CIFAR-10's ({', '.join(map(str, classes[:4]))}, ...): "
+              f"another dataset in CIFAR-10's format; its results are not CIFAR-10's", file=sys.stderr)
     return ImageData(train_images, train_labels, test_images, test_labels, classes,
                      spec.mean, spec.std, official=not mismatched)
 
@@ -328,7 +335,7 @@ def balanced_subset(labels, count, seed=0):
     return np.sort(np.lexsort((labels, rank))[:count])
 
 
-def split_data(data, args, world=distributed.World()):
+def split_data(data, args):
     """Apply --train-subset and --val-split; return (train, val) as (images, labels) pairs, val may be None."""
     images, labels = data.train_images, data.train_labels
     if args.train_subset > len(images):
@@ -338,9 +345,9 @@ def split_data(data, args, world=distributed.World()):
         images, labels = images[:args.train_subset], labels[:args.train_subset]
     if args.val_split >= len(images):
         raise UsageError(f"--val-split {args.val_split} leaves no training images (of {len(images)})")
-    if len(images) - args.val_split < world.size:
-        raise UsageError(f"{len(images) - args.val_split} training images cannot be shared among {world.size} "
-                         f"processes (each needs at least one); train on more images or with fewer processes")
+    if args.batch_size > len(images) - args.val_split:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images) - args.val_split} training "
+                         f"images; give at most {len(images) - args.val_split}")
     if not args.val_split:
         return (images, labels), None
     order = np.random.default_rng(args.seed).permutation(len(images))

@@ -34,6 +34,14 @@ def picture_format(path):
     return extension
 
 
+def check_output(flag, path):
+    """A file to write, checked before any work: in an existing folder, and not a folder itself."""
+    reason = "it is a folder" if os.path.isdir(path) else (
+        None if os.path.isdir(os.path.dirname(os.path.abspath(path))) else "its folder does not exist")
+    if reason:
+        raise UsageError(f"cannot write {flag} {path}: {reason}; name a file in an existing folder")
+
+
 def new_figure(figsize):
     """A figure outside pyplot: pyplot would keep every figure until closed (main() in a notebook piled
     them up), and choosing its backend here would change a notebook's."""
@@ -55,14 +63,18 @@ def save_figure(figure, path):
     write_file(path, buffer.getvalue())
 
 
-def print_lines(lines):
-    """Print and return exit code 0; if the reader of stdout went away (`| head -1`), end quietly. The
-    scripts write their files before they print, so a closed pipe loses nothing."""
+def say(*lines):
+    """print() the lines; if the reader of stdout went away (`| head -1`), the work goes on, its files
+    intact, and stdout goes nowhere (Python would report the broken pipe again at exit)."""
     try:
-        print("\n".join(lines), flush=True)
+        print(*lines, sep="\n", flush=True)
     except BrokenPipeError:
-        # Python would report the broken pipe again when it flushes stdout at exit: point stdout at nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def print_lines(lines):
+    """say() the lines (written after every file) and return exit code 0."""
+    say(*lines)
     return 0
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -143,13 +144,16 @@ class World:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0, group=self.data)
 
-    def resume_command(self, path):
+    def resume_command(self, script, path):
+        """The command that continues the run saved at `path` with these processes; absolute paths (`script`
+        and `path`) make it work as printed, from any folder."""
+        script, path = shlex.quote(os.path.abspath(script)), shlex.quote(os.path.abspath(path))
         if not self.launched:
-            return f"python train.py --resume {path}"
+            return f"python {script} --resume {path}"
         if self.nodes == 1:
-            return f"torchrun --standalone --nproc_per_node {self.local_size} train.py --resume {path}"
+            return f"torchrun --standalone --nproc_per_node {self.local_size} {script} --resume {path}"
         return (f"torchrun --nnodes {self.nodes} --nproc_per_node {self.local_size} --rdzv-backend c10d "
-                f"--rdzv-endpoint HOST:PORT train.py --resume {path}")
+                f"--rdzv-endpoint HOST:PORT {script} --resume {path}")
 
     def description(self):
         return {"world_size": self.size, "nodes": self.nodes, "backend": self.backend}

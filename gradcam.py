@@ -90,8 +90,7 @@ class GradCAM:
             images = images.detach().clone().requires_grad_(True)
             with torch.enable_grad():
                 logits = self.model(images)
-                if targets is None:
-                    targets = logits.argmax(dim=1)
+                targets = logits.argmax(dim=1) if targets is None else class_indices(targets, logits.shape[1])
                 targets = torch.as_tensor(targets, device=logits.device).reshape(-1).expand(len(images))
                 score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
                 activations = [self.feature_map(outputs, name) for name in self.layers]
@@ -112,6 +111,16 @@ class GradCAM:
             raise UsageError(f"layer {name!r} does not output a (B, C, H, W) feature map; choose a "
                              f"convolutional layer such as layer4")
         return output
+
+
+def class_indices(targets, num_classes):
+    """`targets` as class indices 0..num_classes-1 (an int, a sequence or a tensor); else a ValueError."""
+    values = torch.as_tensor(targets) if not isinstance(targets, str) else None
+    if values is None or values.is_floating_point() or values.is_complex() or not (
+            (values >= 0) & (values < num_classes)).all():
+        raise ValueError(f"targets must be class indices from 0 to {num_classes - 1} (got {targets!r}); a class "
+                         f"name becomes its index with checkpoint['classes'].index(name)")
+    return values
 
 
 # ----------------------------------------------------------------------------- images
@@ -211,6 +220,9 @@ def check_args(args):
         raise UsageError(f"{grid} draws one layer's maps: give one --layer (several work with --image)")
     if args.out is not None:
         cli.picture_format(args.out)
+        cli.check_output("--out", args.out)
+    if args.save_npy is not None:
+        cli.check_output("--save-npy", args.save_npy)
 
 
 def load_model(path, device):
@@ -280,7 +292,10 @@ def image_figure(args, originals, small, maps, targets, probabilities, classes):
     method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
     for row, (i, j) in zip(axes, rows):
         heatmap, original = maps[i, j], originals[i]
-        explained = f"{classes[targets[i]]} ({100 * probabilities[i, targets[i]]:.1f}%)"
+        predicted, p = int(probabilities[i].argmax()), probabilities[i]
+        explained = f"{classes[targets[i]]} ({100 * p[targets[i]]:.1f}%)"
+        if predicted != targets[i]:  # --class: the prediction too
+            explained += f"\npredicted: {classes[predicted]} ({100 * p[predicted]:.1f}%)"
         shown, size_note = display_copy(original)
         panels = [(small[i], "input, 32x32"), (heatmap, f"{method} at {args.layer[j]}"),
                   (overlay(small[i], heatmap), "overlay, 32x32"),
@@ -292,8 +307,9 @@ def image_figure(args, originals, small, maps, targets, probabilities, classes):
             axis.axis("off")
         row[0].text(-0.1, 0.5, f"{os.path.basename(args.image[i])}\n{explained}", transform=row[0].transAxes,
                     ha="right", va="center", fontsize=10)
-    figure.suptitle(f"{method}: explaining the class in each row's label", fontsize=11)
-    figure.tight_layout()
+    inch = 1 / figure.get_figheight()  # the title in the top half inch, whatever the number of rows
+    figure.suptitle(f"{method}: explaining the class in each row's label", fontsize=11, y=1 - 0.1 * inch)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 * inch))
     return figure
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import augment
 import devices
 import distributed
-from cli import note
+from cli import note, say
 from resnet import resnet18
 
 # The recipes that --recipe names. "airbench": airbench's ResNet-18 baseline as published
@@ -255,10 +255,11 @@ def progress_bar(iterable, total, description, enabled):
                 unit="step")
 
 
-def train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled):
+def train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled, lines_every=None):
     """One pass over the loader (batches of uint8 images and labels), a training step a batch. The running
     sums stay on the device and are read only when the bar refreshes (twice a second) and at the end:
-    .item() is a CPU-GPU sync point. Under torchrun they are all ranks' (one all-reduce at the end)."""
+    .item() is a CPU-GPU sync point. Under torchrun they are all ranks' (one all-reduce at the end).
+    Without a bar, a line every `lines_every` seconds (a redirected run's sign of life), if given."""
     t, device, world = trainer, trainer.device, trainer.world
     # Non-blocking only from pinned memory: from pageable memory the copy may still be reading when the
     # batch is freed (MPS: pytorch issue 189690), and CUDA makes such copies blocking anyway.
@@ -294,6 +295,10 @@ def train_one_epoch(trainer, loader, epoch, epochs, stop, bar_enabled):
             if not world.launched:  # one rank alone must not stop: the others would wait for it
                 check_finite(first_bad_step, epoch, len(loader))
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
+            last_refresh = time.monotonic()
+        elif lines_every is not None and time.monotonic() - last_refresh >= lines_every:
+            say(f"epoch {epoch}/{epochs}: step {step + 1}/{len(loader)}, "
+                f"{seen * world.size / (time.perf_counter() - start):.0f} img/s")
             last_refresh = time.monotonic()
     bar.close()
     check_finite(world.minimum(first_bad_step), epoch, len(loader))

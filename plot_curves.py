@@ -209,6 +209,7 @@ def plot(args):
         raise UsageError(f"--labels needs one name per log ({len(args.logs)}), got {len(args.labels)}")
     if args.out is not None:
         cli.picture_format(args.out)
+        cli.check_output("--out", args.out)
     logs = [read_log(path) for path in args.logs]
     labels = args.labels or default_labels(args.logs)
     for path, log in zip(args.logs, logs):

@@ -12,6 +12,7 @@ Nothing happens on import.
 """
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -86,6 +87,8 @@ def read_checkpoint(path, map_location="cpu", formats=(CHECKPOINT_FORMAT,)):
 
     Raises CheckpointError with a one-line reason for anything else.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; give the last.pt or best.pt in it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     # torch.save writes a zip archive; anything else (random bytes, a truncated copy) is not a checkpoint.
@@ -96,9 +99,10 @@ def read_checkpoint(path, map_location="cpu", formats=(CHECKPOINT_FORMAT,)):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses anything but tensors and plain values: a pickle that would run code lands here.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} refused: it holds more than tensors and plain values "
-                              f"and loading it could run code ({first_line[:120]})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        holds = f"a {found.group(1)}" if found else "more than tensors and plain values"
+        raise CheckpointError(f"checkpoint {path} refused: it holds {holds}, and loading it could run code; "
+                              f"give a last.pt or best.pt that train.py wrote") from None
     except Exception as error:  # damaged bytes fail in many ways (IndexError, KeyError, RuntimeError, ...)
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__}); "
                               f"give a last.pt or best.pt that train.py wrote") from None

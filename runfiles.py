@@ -235,14 +235,13 @@ def log_on_disk_epochs(path, epochs):
 @contextlib.contextmanager
 def own_out_dir(out_dir):
     """Create the output folder and hold its lock (files.folder_lock); clear what a killed writer left."""
-    refusal = f"another train.py is running with output folder {out_dir}; wait for it or choose another --out-dir"
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(out_dir, exist_ok=True)
             probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # can new files be made there?
             open(probe, "wb").close()
             os.remove(probe)
-            stack.enter_context(files.folder_lock(out_dir, LOCK_NAME, refusal))
+            stack.enter_context(files.folder_lock(out_dir, LOCK_NAME, running_elsewhere(out_dir)))
         except OSError as error:
             raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another "
                              f"--out-dir") from None
@@ -250,11 +249,18 @@ def own_out_dir(out_dir):
         yield
 
 
+def running_elsewhere(out_dir):
+    return f"another train.py is running with output folder {out_dir}; wait for it or choose another --out-dir"
+
+
 def check_new_run(args, checkpoint):
     """A new run in a folder that holds another run's files would replace them: say so, and the ways out."""
     out_dir = args.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
+    if os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # a run still going there: say that, not "another run"
+        with files.folder_lock(out_dir, LOCK_NAME, running_elsewhere(out_dir)):
+            pass
     found = [name for name in (LOG_NAME, LAST_NAME, BEST_NAME) if os.path.exists(os.path.join(out_dir, name))]
     if not found or args.overwrite or (checkpoint is not None and resumes_in_place(args.resume, out_dir)):
         return

@@ -74,21 +74,21 @@ def train(read_command_line, world=distributed.World()):
             stop = stack.enter_context(loop.StopFlag(world))
             stack.enter_context(devices.applied(devices.backend_settings(device.type, args.deterministic)))
             run = Run(args, data, parts, checkpoint, device, precision, stack.enter_context(heap), world)
-            # Bars only for a person at a terminal, from rank 0: a redirected run gets one line per epoch.
+            # Bars only for a person at a terminal, from rank 0; a redirected run gets a line a minute.
             bar = world.main and sys.stdout.isatty() and sys.stderr.isatty()
             trainer, first = run.trainer, len(run.history) + 1
             with run.ending_cleanly():
                 for epoch in range(first, args.epochs + 1):
                     start = time.perf_counter()
                     run.sampler.set_epoch(epoch)
-                    record = {"epoch": epoch, "lr": trainer.lr(),
-                              **loop.train_one_epoch(trainer, run.loader, epoch, args.epochs, stop, bar)}
+                    record = {"epoch": epoch, "lr": trainer.lr(), **loop.train_one_epoch(
+                        trainer, run.loader, epoch, args.epochs, stop, bar, lines_every=None if bar else 60)}
                     confusion = run.evaluate(record, bar)
                     if args.schedule == "plateau":  # never on the test set
                         trainer.scheduler.step(record["val_acc"] if run.val is not None else record["train_loss"])
                     record["seconds"] = time.perf_counter() - start
                     run.save(record, confusion)  # written while the next epoch trains
-                    print(epoch_line(record, args.epochs, run.val is not None), flush=True)
+                    cli.say(epoch_line(record, args.epochs, run.val is not None))
             run.say_done(stop, trained=first <= args.epochs)
     return 0
 
@@ -252,7 +252,13 @@ def prepare(read_command_line, world):
         saved, found = (", ".join(map(str, classes[:3])) + ", ..." for classes in (checkpoint["classes"], data.classes))
         raise UsageError(f"{args.resume} was trained on other classes ({saved}) than those in {args.data_dir} "
                          f"({found}); resume it with the run's data")
-    return args, checkpoint, device, precision, world, data, augment.split_data(data, args, world)
+    parts = augment.split_data(data, args)
+    steps = len(parts[0][1]) // args.batch_size  # an epoch's (a smaller last batch is dropped)
+    saved_steps = checkpoint and checkpoint["scheduler"].get("total_steps")
+    if saved_steps and saved_steps != args.epochs * steps:  # the same on every rank: the data were compared
+        raise UsageError(f"{args.resume} took {saved_steps // args.epochs} steps an epoch, but these training "
+                         f"images make {steps}: resume it with the run's data (and --train-subset)")
+    return args, checkpoint, device, precision, world, data, parts
 
 
 def settle(args, given, world):
@@ -331,7 +337,7 @@ class Run:
         self.best_key = "val_acc" if val is not None else "test_acc"
         self.env = runfiles.environment(device, precision, workers, args, heap_reuse, world)
         self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
-        self.resume_command = world.resume_command(os.path.abspath(self.paths[LAST_NAME]))
+        self.resume_command = world.resume_command(__file__, self.paths[LAST_NAME])
         dropped = len(train_images) - len(self.loader) * args.batch_size
         if dropped > 0:
             note(f"each epoch trains on {len(self.loader)} batches of {args.batch_size}: {dropped} of the "
@@ -340,7 +346,7 @@ class Run:
         processes = (f" x {world.size} processes on {world.nodes} node{'s' * (world.nodes > 1)} ({world.backend}, "
                      f"{world.per_rank(args.batch_size)} images a step each)" if world.launched else "")
         if len(self.history) < args.epochs:  # else say_done() says there is nothing to do
-            print(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
+            cli.say(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
                   f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
                   f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
@@ -422,12 +428,12 @@ class Run:
 
     def say_done(self, stop, trained):
         if not trained:
-            print(f"nothing to do: {self.args.resume} already holds all {self.args.epochs} epochs")
+            cli.say(f"nothing to do: {self.args.resume} already holds all {self.args.epochs} epochs")
             return
         if stop.signal is not None:
-            print(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
+            cli.say(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
         summary = runfiles.summarize(self.history, self.best_key)
-        print(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
+        cli.say(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
               f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
               f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
               f"{', '.join(path for path in self.paths.values() if os.path.exists(path))}")

@@ -40,7 +40,7 @@ def wait_after_first_step(epoch):
     """In that epoch, the loop's second stop check (after the first step) waits for a signal first."""
     train_one_epoch = loop.train_one_epoch
 
-    def paused_epoch(trainer, loader, this_epoch, epochs, stop, bar_enabled):
+    def paused_epoch(trainer, loader, this_epoch, epochs, stop, bar_enabled, **options):
         if this_epoch == epoch:
             requested, checks = stop.requested, []
 
@@ -53,7 +53,7 @@ def wait_after_first_step(epoch):
                         time.sleep(0.01)
                 return requested()
             stop.requested = requested_after_a_wait
-        return train_one_epoch(trainer, loader, this_epoch, epochs, stop, bar_enabled)
+        return train_one_epoch(trainer, loader, this_epoch, epochs, stop, bar_enabled, **options)
     loop.train_one_epoch = paused_epoch
 
 

@@ -1,6 +1,7 @@
 """Bad input and a new user's first hour: one clear line, exit code 2, nothing created."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -11,13 +12,13 @@ import torch
 
 import augment
 import devices
-import distributed
 import files
 import loop
 import plot_curves
 import train
 
-from helpers import HERE, error_lines, fp16_args, interrupt_after_epoch, run_main, save_test_images, tiny_args
+from helpers import (HERE, error_lines, fp16_args, interrupt_after_epoch, run_main, save_test_images, tiny_args,
+                     write_cifar_folder)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -136,7 +137,7 @@ def test_resume_from_another_folder_finds_the_runs_data(data_dir, tmp_path, monk
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     # The printed command, as printed, plus this machine's flags: no --data-dir, no download attempt.
-    assert command[:2] == ["python", "train.py"]
+    assert command[:2] == ["python", os.path.abspath(train.__file__)]
     assert train.main([*command[2:], "--device", "cpu", "--workers", "0", "--no-download"]) == 0
     assert not (elsewhere / "data").exists() and not os.listdir(elsewhere)
     assert torch.load(run / "last.pt", weights_only=True)["args"]["data_dir"] == str(data)
@@ -155,10 +156,10 @@ def test_resume_into_another_folder_refuses_another_run_and_branches_the_run(dat
     code, err = run_main(train, [*resume, "--out-dir", str(other)], capsys)
     assert code == 2 and "holds another finished run" in err, err
     # Stopped before its first epoch was saved: the branch holds the run as saved, and resumes from there.
-    monkeypatch.setattr(loop, "train_one_epoch", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *_, **__: (_ for _ in ()).throw(KeyboardInterrupt))
     code, err = run_main(train, [*resume, "--out-dir", str(other), "--overwrite"], capsys)
     monkeypatch.undo()
-    assert code == 130 and f"continue with: python train.py --resume {other / 'last.pt'}" in err, err
+    assert code == 130 and f"train.py --resume {other / 'last.pt'}" in err, err
     saved = json.loads((first / "log.json").read_text())["epochs"]
     assert json.loads((other / "log.json").read_text())["epochs"] == saved  # not the replaced run's
     for name in ("last.pt", "best.pt"):
@@ -224,12 +225,15 @@ def test_log_says_what_the_accuracies_were_measured_on(trained_run, tmp_path, ca
     assert "held-out images, not the official test set" in capsys.readouterr().out
 
 
-def test_too_few_training_images_for_the_processes_is_one_line(data_dir):
+def test_a_batch_larger_than_the_training_images_is_one_line(data_dir):
+    # Not a request for terabytes of shared memory. The batch (global under torchrun, and a multiple of the
+    # process count) is at most the images, so every process has its share.
     data = augment.load_dataset("cifar10", data_dir, download=False)
-    args = train.build_parser().parse_args(["--train-subset", "4"])
-    with pytest.raises(train.UsageError, match="4 training images cannot be shared among 8 processes"):
-        augment.split_data(data, args, distributed.World(size=8, local_size=8, launched=True))
-    assert len(augment.split_data(data, args, distributed.World(size=4, local_size=4, launched=True))[0][0]) == 4
+    args = train.build_parser().parse_args(["--train-subset", "4", "--batch-size", "100000000"])
+    with pytest.raises(train.UsageError, match="--batch-size 100000000 is larger than the 4 training images"):
+        augment.split_data(data, args)
+    args.batch_size = 4
+    assert len(augment.split_data(data, args)[0][0]) == 4
 
 
 def test_subsets_and_dropped_images_are_said(data_dir, tmp_path, capsys):
@@ -259,6 +263,15 @@ def test_evaluation_shows_a_progress_bar_at_a_terminal(data_dir, tmp_path, monke
         monkeypatch.setattr(stream, "isatty", lambda: True)
     assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0
     assert "epoch 1 test" in capsys.readouterr().err
+
+
+def test_a_redirected_run_says_a_line_now_and_then(data_dir, tmp_path, monkeypatch, capsys):
+    # Not a terminal: no bar, and an epoch can take 15 minutes on a CPU. A line every minute; here every step.
+    train_one_epoch = loop.train_one_epoch
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, lines_every: train_one_epoch(*a, lines_every=0))
+    assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1: step 1/2, " in out and "epoch 1/1: step 2/2, " in out and " img/s" in out, out
 
 
 def test_plot_of_one_epoch_has_markers_and_whole_epochs(trained_run, tmp_path):
@@ -294,6 +307,37 @@ def test_a_closed_pipe_ends_quietly_with_every_file_written(trained_run, tmp_pat
         assert process.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
     assert (tmp_path / "log_curves.png").exists() and (tmp_path / "log_confusion.png").exists()
     assert os.path.exists(os.path.splitext(image)[0] + "_gradcam.png")
+
+
+def test_a_closed_pipe_does_not_stop_training(data_dir, tmp_path):
+    # `python train.py ... | head -1`: the reader leaves after the first line; the run goes on to its end.
+    process = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, tmp_path)], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("training from epoch 1/2")
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1, 2]
+
+
+def test_inputs_of_the_wrong_kind_are_named(data_dir, trained_run, tmp_path, capsys):
+    for argv, message in ((["--resume", str(trained_run)], "is a folder; give the last.pt or best.pt in it"),
+                          (["--data-dir", str(trained_run / "log.json")], "is a file, not a folder")):
+        code, err = run_main(train, [*tiny_args(data_dir, tmp_path / "run"), *argv], capsys)
+        assert code == 2 and message in err and len(error_lines(err)) == 1, err
+    # Another dataset written in CIFAR-10's format (Fashion-MNIST, say) trains, with a warning in words.
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    with open(other / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"fashion {i}" for i in range(10)]}, f)
+    code, err = run_main(train, tiny_args(str(other), tmp_path / "fashion", "--epochs", "1"), capsys)
+    assert code == 0 and "holds other classes than CIFAR-10's (fashion 0, fashion 1" in err, err
+    # A resume on other training images than the run's: refused at the start, not a scheduler error mid-epoch.
+    smaller = write_cifar_folder(str(tmp_path / "smaller"), train_per_batch=8)  # 40 images: 1 step of 32
+    code, err = run_main(train, ["--resume", str(trained_run / "last.pt"), "--data-dir", smaller, "--device", "cpu",
+                                 "--workers", "0", "--out-dir", str(tmp_path / "branch")], capsys)
+    assert code == 2 and "took 2 steps an epoch, but these training images make 1" in err, err
+    assert not (tmp_path / "branch").exists()
 
 
 def test_first_hour_messages(data_dir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -61,7 +62,7 @@ def test_killed_at_any_moment_loses_nothing_and_resumes(data_dir, tmp_path):
         process.send_signal(how)
         stdout, stderr = process.communicate(timeout=120)
         if how != signal.SIGKILL:
-            assert process.returncode == 130 and "continue with: python train.py --resume" in stderr, stderr
+            assert process.returncode == 130 and f"continue with: python {HERE}/train.py --resume" in stderr, stderr
             assert not [n for n in os.listdir(out) if ".tmp-" in n]  # a graceful stop writes nothing partial
         assert_files_consistent(out)
     # Whatever the kills left, resuming finishes the run, and the log agrees with the checkpoint.
@@ -197,20 +198,23 @@ def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, trained_run, tmp
     assert marker.exists()
 
 
-def test_second_run_on_the_same_folder_refuses(data_dir, tmp_path, capsys):
+def test_second_run_on_the_same_folder_refuses(data_dir, trained_run, tmp_path, capsys):
+    shutil.copytree(trained_run, tmp_path, dirs_exist_ok=True)  # the live run's files: not "another run" to resume
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import files, time; lock = files.folder_lock({str(tmp_path)!r}, '.train.lock', 'busy'); lock.__enter__(); "
                                f"print('locked', flush=True); time.sleep(60)"],
         cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code, err = run_main(train, tiny_args(data_dir, tmp_path), capsys)
-        assert code == 2 and "another train.py is running" in err
-        assert not (tmp_path / "log.json").exists()
+        before = (tmp_path / "log.json").read_bytes()
+        for argv in (tiny_args(data_dir, tmp_path), ["--resume", str(tmp_path / "last.pt"), "--device", "cpu"]):
+            code, err = run_main(train, argv, capsys)
+            assert code == 2 and "another train.py is running" in err and len(error_lines(err)) == 1, err
+        assert (tmp_path / "log.json").read_bytes() == before
     finally:
         holder.kill()
         holder.wait()
-    assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 0  # the lock died with its holder
+    assert train.main(tiny_args(data_dir, tmp_path, "--epochs", "1", "--overwrite")) == 0  # the lock died with it
 
 
 def test_an_unexpected_error_with_workers_ends_the_process(data_dir, tmp_path):

@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 import gradcam
 import resnet
 
-from helpers import run_main, save_test_images
+from helpers import CLASSES, run_main, save_test_images
 
 
 def random_model_and_inputs(seed=0, batch=8):
@@ -122,6 +122,26 @@ def test_large_originals_are_drawn_smaller_and_say_so():
     assert gradcam.display_copy(small)[0] is small and gradcam.display_copy(small)[1] == "80x48"
 
 
+def test_a_row_shows_the_prediction_beside_another_class_and_the_title_stays_above_the_rows():
+    args = argparse.Namespace(method="gradcam", layer=["layer4"], image=[f"{i}.png" for i in range(24)])
+    images, maps = np.zeros((24, 32, 32, 3), np.uint8), np.zeros((24, 1, 32, 32), np.float32)
+    probabilities = torch.full((24, 10), 0.01).index_fill_(1, torch.tensor([9]), 0.91)  # a truck, every one
+    figure = gradcam.image_figure(args, list(images), images, maps, [3] * 24, probabilities, CLASSES)
+    labels = [text.get_text() for axis in figure.axes for text in axis.texts]
+    assert len(labels) == 24 and all(label.endswith("cat (1.0%)\npredicted: truck (91.0%)") for label in labels)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    title = figure._suptitle.get_window_extent(renderer)
+    assert all(title.y0 >= axis.get_tightbbox(renderer).y1 for axis in figure.axes)
+
+
+def test_gradcam_targets_are_class_indices_or_a_clear_error():
+    model = resnet.resnet18(num_classes=10).eval()
+    for targets in ("cat", 12, -1, 1.5):
+        with pytest.raises(ValueError, match="targets must be class indices from 0 to 9"):
+            gradcam.GradCAM(model, ["layer4"])(torch.randn(2, 3, 32, 32), targets)
+    assert gradcam.GradCAM(model, ["layer4"])(torch.randn(2, 3, 32, 32), [1, 2])[2].tolist() == [1, 2]
+
+
 def test_gradcam_cli_explicit_class_and_gradcam_plus_plus(trained_run, tmp_path, capsys):
     paths = save_test_images(tmp_path)
     out = tmp_path / "cat.png"
@@ -173,6 +193,8 @@ def test_gradcam_bad_input(trained_run, tmp_path, capsys):
     corrupt.write_bytes(b"\x00" * 100)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(1)}, foreign)
+    pickled_model = tmp_path / "model.pt"  # a whole model, pickled: loading it would run its code
+    torch.save(torch.nn.Linear(2, 2), pickled_model)
     cases = [
         (["--image", str(tmp_path / "missing.png"), "--checkpoint", checkpoint], "not found"),
         (["--image", str(not_image), "--checkpoint", checkpoint], "not an image"),
@@ -192,10 +214,18 @@ def test_gradcam_bad_input(trained_run, tmp_path, capsys):
         (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "x.doc")], "--out"),
         (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "x")], "extension"),
         (["--image", image, "--misclassified"], "expected one argument (see"),
+        (["--image", image, "--checkpoint", str(trained_run)], "is a folder; give the last.pt or best.pt in it"),
+        (["--image", image, "--checkpoint", checkpoint, "--save-npy", str(tmp_path)], "--save-npy"),
+        (["--image", image, "--checkpoint", checkpoint, "--save-npy", str(tmp_path / "no" / "m.npy")],
+         "its folder does not exist"),
+        (["--image", image, "--checkpoint", checkpoint, "--out", str(tmp_path / "no" / "x.png")],
+         "its folder does not exist"),
+        (["--image", image, "--checkpoint", str(pickled_model)], "refused: it holds a torch.nn"),
     ]
     for argv, message in cases:
         code, err = run_main(gradcam, argv, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "\x1b" not in err, err  # torch's message has terminal escapes: not in ours
     assert not list(tmp_path.glob("*_gradcam.png")) and not list(tmp_path.glob("*.tmp-*"))
 
 
