@@ -253,6 +253,11 @@ def model_input(images, checkpoint, device):
                              checkpoint["mean"], checkpoint["std"])
 
 
+def image_input(path, checkpoint, device="cpu"):
+    """An image file -> the model's input as gradcam.py makes it: (1, 3, 32, 32), normalized."""
+    return model_input(np.stack([resize(load_image(path), (32, 32))]), checkpoint, device)
+
+
 def top5_lines(name, probabilities, classes):
     top = torch.topk(probabilities, k=min(5, len(classes)))
     ranked = "  ".join(f"{i + 1}. {classes[c]} {100 * p:.2f}%" for i, (p, c) in

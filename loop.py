@@ -25,7 +25,7 @@ from resnet import resnet18
 # The recipes that --recipe names. "airbench": airbench's ResNet-18 baseline as published
 # (KellerJordan/cifar10-zoo, airbench/baselines/train_resnet18_94.py: 94.0% with flip TTA in 26 epochs).
 # "default": the same but for a batch that divides among 8 GPUs (512, the lr scaled with it) and PyTorch's
-# cosine one-cycle shape, chosen on the development split (README, Results). "seed": the project this
+# cosine one-cycle shape, chosen on the development split (docs/recipe-and-results.md). "seed": the project this
 # started from, with a validation split instead of the test set.
 RECIPES = {
     "airbench": {"batch_size": 500, "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,

@@ -11,7 +11,7 @@ Writes into --out-dir (default: the current folder) log.json (rewritten after ev
 `plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
 torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for
 errors: one that a process alone meets, it says; one that every process meets, each machine says once.
-The recipes, resuming, torchrun and every output file are described in README.md. The epoch loop is
+The recipes, resuming, torchrun and every output file are described in docs/. The epoch loop is
 train(), just below main(); the training step is in loop.train_one_epoch.
 """
 import argparse

@@ -1,5 +1,6 @@
 """Grad-CAM and Grad-CAM++ against the grad-cam package, and gradcam.py's pictures and bad input."""
 import argparse
+import os
 import shutil
 
 import matplotlib
@@ -12,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 import gradcam
 import resnet
 
-from helpers import CLASSES, run_main, save_test_images
+from helpers import CLASSES, HERE, run_main, save_test_images
 
 
 def random_model_and_inputs(seed=0, batch=8):
@@ -132,6 +133,18 @@ def test_a_row_shows_the_prediction_beside_another_class_and_the_title_stays_abo
     renderer = FigureCanvasAgg(figure).get_renderer()
     title = figure._suptitle.get_window_extent(renderer)
     assert all(title.y0 >= axis.get_tightbbox(renderer).y1 for axis in figure.axes)
+
+
+def test_the_readmes_notebook_snippet_runs(trained_run, tmp_path, monkeypatch):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    snippet = readme.split("**From a notebook**")[1].split("```")[1]
+    image = save_test_images(tmp_path)[0]
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(trained_run / "best.pt", tmp_path / "best.pt")
+    shutil.copy(image, tmp_path / "dog.png")
+    names = {}
+    exec(snippet, names)
+    assert names["images"].shape == (1, 3, 32, 32) and names["maps"].shape == (1, 1, 32, 32)
 
 
 def test_gradcam_targets_are_class_indices_or_a_clear_error():
