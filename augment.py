@@ -17,7 +17,6 @@ import os
 import pickle
 import shutil
 import signal
-import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 import devices  # noqa: E402
 import distributed  # noqa: E402
-from cli import UsageError, note  # noqa: E402
+from cli import UsageError, note, warn  # noqa: E402
 
 # Per-channel statistics of the training images, in [0, 1] (airbench; the often-copied
 # CIFAR-10 std (0.2023, 0.1994, 0.2010) is wrong).
@@ -198,8 +197,8 @@ def load_dataset(name, data_dir, download=True, test_only=False):
             _download(spec, data_dir)  # also over an incomplete archive (an interrupted download)
     mismatched = [n for n, md5 in needed if _md5(os.path.join(folder, n)) != md5]
     if mismatched:
-        print(f"warning: {folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
-              f"checksums); loading it anyway, so its accuracies are not official test accuracies", file=sys.stderr)
+        warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
+              f"checksums); loading it anyway, so its accuracies are not official test accuracies")
     train_images, train_labels = (_read_batches(folder, train_files, spec) if train_files else
                                   (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)))
     test_images, test_labels = _read_batches(folder, spec.test_files, spec)
@@ -209,8 +208,8 @@ def load_dataset(name, data_dir, download=True, test_only=False):
     if not classes or labels.max() >= len(classes) or labels.min() < 0:
         raise DatasetError(f"{folder}/ has labels outside its {len(classes)} class names")
     if name == "cifar10" and classes != CIFAR10_CLASSES:
-        print(f"warning: {folder}/ holds other classes than CIFAR-10's ({', '.join(map(str, classes[:4]))}, ...): "
-              f"another dataset in CIFAR-10's format; its results are not CIFAR-10's", file=sys.stderr)
+        warn(f"{folder}/ holds other classes than CIFAR-10's ({', '.join(map(str, classes[:4]))}, ...): "
+              f"another dataset in CIFAR-10's format; its results are not CIFAR-10's")
     return ImageData(train_images, train_labels, test_images, test_labels, classes,
                      spec.mean, spec.std, official=not mismatched)
 

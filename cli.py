@@ -72,11 +72,10 @@ def say(*lines):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def print_lines(lines):
-    """say() the lines (written after every file) and return exit code 0."""
-    say(*lines)
-    return 0
-
 
 def note(message):
     print(f"note: {message}", file=sys.stderr)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)

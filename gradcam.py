@@ -407,7 +407,8 @@ def main(argv=None):
     except (UsageError, CheckpointError, devices.DeviceError) as error:
         print(f"gradcam.py: error: {error}", file=sys.stderr)
         return 2
-    return cli.print_lines(lines)
+    cli.say(*lines)  # after every file is written: a reader that leaves early loses none
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.nn as nn
 import augment
 import devices
 import distributed
-from cli import note, say
+from cli import note, say, warn
 from resnet import resnet18
 
 # The recipes that --recipe names. "airbench": airbench's ResNet-18 baseline as published
@@ -80,7 +80,7 @@ def resolve_device(args, world=distributed.World()):
                         "#161302) and breaks each step at ResNet18's 20 BatchNorm layers, with a CPU-GPU sync at "
                         "each; use one or the other")
     for warning in filter(None, warnings):
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     if sync_bn and not world.launched:
         note("--sync-bn has no effect in a single process")
     return device, chosen

@@ -12,7 +12,7 @@ import os
 import sys
 
 import cli
-from cli import UsageError
+from cli import UsageError, warn
 
 LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this (runfiles.py); a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
@@ -215,8 +215,8 @@ def plot(args):
     for path, log in zip(args.logs, logs):
         bad = nan_epochs(log)
         if bad:
-            print(f"warning: {path} has NaN losses or accuracies at epoch(s) {', '.join(map(str, bad))}: the "
-                  f"run diverged there; those points are missing from the curves", file=sys.stderr)
+            warn(f"{path} has NaN losses or accuracies at epoch(s) {', '.join(map(str, bad))}: the "
+                  f"run diverged there; those points are missing from the curves")
     summaries = [summary(log) for log in logs]
     curves_path, confusion_path = output_paths(args)
     cli.save_figure(curves_figure(logs, labels, summaries), curves_path)
@@ -233,7 +233,8 @@ def main(argv=None):
     except UsageError as error:
         print(f"plot_curves.py: error: {error}", file=sys.stderr)
         return 2
-    return cli.print_lines(lines)
+    cli.say(*lines)  # after every file is written: a reader that leaves early loses none
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,21 +8,20 @@ Checkpoints hold only tensors and plain values: torch.load(path, weights_only=Tr
 is written atomically (files.py): a kill or a full disk leaves the previous complete version.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import errno
 import io
 import json
 import os
 import platform
-import sys
-import threading
 
 import numpy as np
 import torch
 
 import devices
 import files
-from cli import UsageError
+from cli import UsageError, warn
 from loop import SEED_MACHINE
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
@@ -70,33 +69,24 @@ class BackgroundWriter:
 
     def __init__(self, saved_epoch=0, enabled=True):
         self.saved_epoch, self.enabled = saved_epoch, enabled  # the last epoch whose files are complete
-        self.thread, self.error = None, None
+        # Its thread is joined at exit: the interpreter waits for a write in progress.
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self.pending = None  # (epoch, the future of its write)
 
     def submit(self, epoch, snapshot, write):
         """snapshot() runs here, on the training thread; write(*its result) in the writer's thread."""
         self.wait()
-        if not self.enabled:
+        if self.enabled:
+            self.pending = epoch, self.pool.submit(write, *snapshot())
+        else:
             self.saved_epoch = epoch
-            return
-        payload = snapshot()
-        self.thread = threading.Thread(target=self._write, args=(epoch, write, payload), name="checkpoint-writer")
-        self.thread.start()  # not a daemon: the interpreter waits for a write in progress before exiting
-
-    def _write(self, epoch, write, payload):
-        try:
-            write(*payload)
-            self.saved_epoch = epoch
-        except BaseException as error:  # handed to the training thread, which reports it
-            self.error = error
 
     def wait(self):
         """Wait for the write in progress; raise its error, if any. Returns the last epoch saved."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        if self.pending is not None:
+            (epoch, written), self.pending = self.pending, None
+            written.result()
+            self.saved_epoch = epoch
         return self.saved_epoch
 
 
@@ -309,8 +299,7 @@ def args_for_resume(args, given, defaults):
     ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in sorted(given)
                if k not in RUNTIME_FLAGS and getattr(args, k) != merged.get(k)]
     if ignored:
-        print(f"warning: ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}",
-              file=sys.stderr)
+        warn(f"ignoring {', '.join(ignored)}: --resume continues the recipe saved in {args.resume}")
     merged.update({k: getattr(args, k) for k in RUNTIME_FLAGS if k in MACHINE_FLAGS or k in given or k not in merged})
     if merged.get("recipe") == "seed":
         # Its machine settings (fp32, NCHW) are part of the seed's setup: the run goes on with them unless given.

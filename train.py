@@ -30,7 +30,7 @@ import distributed
 import files
 import loop
 import runfiles
-from cli import UsageError, note
+from cli import UsageError, note, warn
 from loop import Diverged, Stopped
 from resnet import CheckpointError
 from runfiles import BEST_NAME, LAST_NAME, LOG_NAME, RUNTIME_FLAGS
@@ -76,13 +76,14 @@ def train(read_command_line, world=distributed.World()):
             run = Run(args, data, parts, checkpoint, device, precision, stack.enter_context(heap), world)
             # Bars only for a person at a terminal, from rank 0; a redirected run gets a line a minute.
             bar = world.main and sys.stdout.isatty() and sys.stderr.isatty()
+            lines_every = 60 if world.main and not bar else None
             trainer, first = run.trainer, len(run.history) + 1
             with run.ending_cleanly():
                 for epoch in range(first, args.epochs + 1):
                     start = time.perf_counter()
                     run.sampler.set_epoch(epoch)
                     record = {"epoch": epoch, "lr": trainer.lr(), **loop.train_one_epoch(
-                        trainer, run.loader, epoch, args.epochs, stop, bar, lines_every=None if bar else 60)}
+                        trainer, run.loader, epoch, args.epochs, stop, bar, lines_every=lines_every)}
                     confusion = run.evaluate(record, bar)
                     if args.schedule == "plateau":  # never on the test set
                         trainer.scheduler.step(record["val_acc"] if run.val is not None else record["train_loss"])
@@ -253,7 +254,7 @@ def prepare(read_command_line, world):
         raise UsageError(f"{args.resume} was trained on other classes ({saved}) than those in {args.data_dir} "
                          f"({found}); resume it with the run's data")
     parts = augment.split_data(data, args)
-    steps = len(parts[0][1]) // args.batch_size  # an epoch's (a smaller last batch is dropped)
+    steps = len(augment.SeededBatchSampler(len(parts[0][1]), args.batch_size, args.seed))  # an epoch's
     saved_steps = checkpoint and checkpoint["scheduler"].get("total_steps")
     if saved_steps and saved_steps != args.epochs * steps:  # the same on every rank: the data were compared
         raise UsageError(f"{args.resume} took {saved_steps // args.epochs} steps an epoch, but these training "
@@ -317,8 +318,8 @@ class Run:
         test_images, test_labels = augment.test_data(data, args)
         workers = augment.default_workers(world.local_size) if args.workers is None else args.workers
         if device.type == "cpu" and args.epochs * len(train_images) > 100_000:
-            print(f"warning: training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
-                  f"take hours; use a GPU, or --train-subset and --epochs for a quick run", file=sys.stderr)
+            warn(f"training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
+                  f"take hours; use a GPU, or --train-subset and --epochs for a quick run")
         self.args, self.data, self.world, self.resumed = args, data, world, checkpoint
         # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
         self.loader, self.sampler = world.together(lambda: augment.make_train_loader(
