@@ -18,9 +18,10 @@ from helpers import coloured_images, write_cifar_folder
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(script, *argv):
-    """`python SCRIPT ARGV` from the repository's folder; returns its stdout, after checking it succeeded."""
-    done = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=600)
+def run(script, *argv, cwd=HERE):
+    """`python SCRIPT ARGV` in `cwd`; returns its stdout, after checking it succeeded."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -36,13 +37,12 @@ def test_every_script_once_end_to_end(tmp_path):
     for name in ("last.pt", "best.pt"):
         assert torch.load(out / name, weights_only=True)["epoch"] >= 1
 
-    Image.fromarray(coloured_images(1, 5)[0][0]).resize((64, 48)).save(tmp_path / "dog.png")
-    run("gradcam.py", "--image", str(tmp_path / "dog.png"), "--layer", "layer4", "--checkpoint", str(out / "best.pt"),
-        "--device", "cpu", "--out", str(tmp_path / "dog_gradcam.png"))
-    assert Image.open(tmp_path / "dog_gradcam.png").size[0] > 100
-
-    run("plot_curves.py", str(out / "log.json"), "--out", str(tmp_path / "curves.png"))
-    assert Image.open(tmp_path / "curves.png").size[0] > 100
+    # The README's two commands as written, in the folder the run wrote (as a user's current folder).
+    Image.fromarray(coloured_images(1, 5)[0][0]).resize((64, 48)).save(out / "dog.png")
+    run("gradcam.py", "--image", "dog.png", "--layer", "layer4", cwd=out)
+    run("plot_curves.py", "log.json", cwd=out)
+    for picture in ("dog_gradcam.png", "log_curves.png", "log_confusion.png"):
+        assert Image.open(out / picture).size[0] > 100
 
     run("benchmark.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--workers", "1",
         "--out-dir", str(tmp_path))
