@@ -1,0 +1,98 @@
+"""The sanity check of Grad-CAM (cam_checks.py, gradcam.py --sanity-check): its measures on cases whose
+answer is known by hand, the cascade of randomised parts, and the command end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cam_checks
+import gradcam
+from helpers import run_main
+from resnet import resnet18
+
+
+def test_spearman_averages_tied_ranks_and_counts_a_blank_map_as_zero():
+    # By hand: ranks (0, 1.5, 1.5, 3) and (0, 2, 1, 3); centred, their products sum to 4.5 over sqrt(4.5 x 5).
+    a, b = torch.tensor([[1.0, 2.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0, 4.0]])
+    assert cam_checks.spearman(a, b)[0] == pytest.approx(3 / math.sqrt(10))
+    assert cam_checks.spearman(a, -a)[0] == pytest.approx(-1)
+    assert cam_checks.spearman(b, b ** 3)[0] == pytest.approx(1)  # ranks only: any increasing function
+    assert cam_checks.spearman(a, torch.zeros(1, 4))[0] == 0
+
+
+def test_ssim_is_one_for_equal_maps_and_wang_s_formula_for_two_constant_ones():
+    maps = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert cam_checks.ssim(maps, maps) == pytest.approx(1)
+    a, b, c1 = 0.2, 0.7, 0.01 ** 2  # no variance: only the luminance term is left
+    constant = cam_checks.ssim(torch.full((1, 32, 32), a), torch.full((1, 32, 32), b))[0]
+    assert constant == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
+    assert cam_checks.ssim(maps, 1 - maps).mean() < 0
+
+
+def test_the_bootstrap_interval_holds_the_mean_and_is_the_same_again():
+    values = np.random.default_rng(0).normal(0.5, 0.1, 100)
+    interval = cam_checks.mean_with_interval(values, seed=3)
+    assert interval["low"] < interval["mean"] < interval["high"] and interval["mean"] == pytest.approx(values.mean())
+    assert interval["high"] - interval["low"] == pytest.approx(2 * 1.96 * values.std() / 10, rel=0.25)
+    assert cam_checks.mean_with_interval(values, seed=3) == interval
+
+
+def test_the_control_finds_the_edge_of_a_two_coloured_image():
+    images = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    images[..., 16:] = 200
+    edges = cam_checks.edge_maps(images)[0]
+    assert edges.shape == (32, 32) and edges.max() == pytest.approx(1)
+    assert set(torch.nonzero(edges > 0.5)[:, 1].tolist()) == {15, 16} and edges[:, :14].max() == 0
+
+
+def test_the_cascade_randomises_from_the_output_back_seeded_and_leaves_the_model_alone():
+    model = resnet18().eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+
+    def snapshot(randomised):
+        return {name: value.clone() for name, value in randomised.state_dict().items()}
+    stages = cam_checks.cascading_randomisation(model, snapshot, seed=1)
+    assert [name for name, _ in stages] == ["linear", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+    for done, (name, weights) in enumerate(stages):
+        randomised = {part for part, _ in stages[:done + 1]}
+        for key, value in weights.items():
+            if value.dim() >= 2:  # convolutions and the linear layer (BatchNorm resets to the same 1 and 0)
+                assert torch.equal(value, before[key]) == (key.split(".")[0] not in randomised), key
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), random_state)
+    again = cam_checks.cascading_randomisation(model, snapshot, seed=1)
+    assert all(torch.equal(again[-1][1][key], stages[-1][1][key]) for key in before)
+
+
+def test_sanity_check_end_to_end(trained_run, tmp_path, capsys):
+    out = tmp_path / "sanity.png"
+    assert gradcam.main(["--sanity-check", "20", "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
+                         "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "sanity.json").read_text())
+    assert out.stat().st_size > 10_000 and result["images"] == 20 and result["layer"] == "layer4"
+    assert [row["randomised"] in printed for row in result["rows"]] == [True] * 10
+    rows = {row["randomised"]: row for row in result["rows"]}
+    spearman = [row["spearman"]["mean"] for row in result["rows"]]
+    assert spearman[0] == pytest.approx(1) and rows["control: edge map (the input alone)"]["ssim"]["mean"] == 1
+    # Randomised from the top, the maps of even this tiny model stop resembling its own.
+    assert max(spearman[1:-2]) < 0.5 and rows["+ conv1"]["ssim"]["mean"] < 0.5
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--sanity-check", "1"], "at least 2"),
+    (["--sanity-check", "1000"], "at most 40"),
+    (["--sanity-check", "5", "--image", "x.png"], "not several"),
+    (["--sanity-check", "5", "--class", "cat"], "--class works with --image only"),
+    (["--sanity-check", "5", "--layer", "layer3", "layer4"], "give one --layer"),
+    (["--sanity-check", "5", "--layer", "linear"], "does not output a (B, C, H, W) feature map"),
+])
+def test_sanity_check_bad_input_is_one_line(trained_run, tmp_path, capsys, argv, expected):
+    code, err = run_main(gradcam, [*argv, "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
+                                   "--out", str(tmp_path / "sanity.png")], capsys)
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err
+    assert not (tmp_path / "sanity.png").exists()
