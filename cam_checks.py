@@ -1,10 +1,12 @@
-"""Checks of whether a Grad-CAM map says something about the model, in numbers: the model-parameter
-randomisation test of Adebayo et al. (NeurIPS 2018, "Sanity Checks for Saliency Maps"). gradcam.py's
---sanity-check runs it; the maths here takes maps as tensors and knows nothing of the command line.
-Nothing happens on import.
+"""Checks of whether a Grad-CAM map says something about the model, in numbers, for gradcam.py's
+--sanity-check and --faithfulness: the model-parameter randomisation test of Adebayo et al. (NeurIPS 2018,
+"Sanity Checks for Saliency Maps") and the deletion and insertion curves of Petsiuk et al. (BMVC 2018,
+"RISE"), each beside the baselines that give its numbers a scale. The maths takes models, maps and
+images as tensors and knows nothing of the command line. Nothing happens on import.
 
-    stages = cam_checks.cascading_randomisation(model, lambda m: maps_of(m))   # [(part, maps), ...]
-    rows = cam_checks.sanity_rows(trained_maps, stages, edge_maps(images))
+    # cam(model, method, targets) -> (maps (N, H, W) in [0, 1], targets): Grad-CAM of the images at hand
+    rows, figure = cam_checks.sanity_check(model, cam, images, inputs, seed=0)
+    rows, figure = cam_checks.faithfulness(model, cam, images, inputs, seed=0)
 """
 import copy
 
@@ -14,6 +16,30 @@ import torch.nn.functional as F
 
 import cli
 
+
+# gradcam.py --help ends with this: what each number means and how to read it.
+HELP = """--sanity-check N: the model-parameter randomisation test of Adebayo et al. ("Sanity Checks for
+Saliency Maps", NeurIPS 2018). The maps of N seeded test images, each for the trained model's predicted class,
+are computed again as the model's parts are re-initialised one more at a time from the output back (linear,
+then layer4 too, ... conv1). Each row compares the maps with the trained model's, per image, by Spearman's
+rank correlation (do the same pixels rank high?) and SSIM (Wang et al. 2004: do the maps look alike?), as the
+mean over the images with its 95% bootstrap interval. A map that says something about the model falls
+towards the floor row (the trained maps of other images: how alike unrelated maps are) once the layers it
+depends on are random; a map that stays near 1 comes from the input alone, as the control row's edge map
+does by construction. A blank map (zero everywhere: no evidence for the class) counts as 0 for Spearman;
+the last column gives their share.
+
+--faithfulness N: the deletion and insertion curves of Petsiuk et al. ("RISE", BMVC 2018) for Grad-CAM and
+Grad-CAM++ (--method aside) and two baselines, a random map and a centred Gaussian blob. The pixels of each
+of N seeded test images are replaced by the dataset's mean colour in the order the map ranks them, most
+relevant first, in 16 steps (deletion), or revealed in that order on an image of the mean colour
+(insertion), and the probability of the trained model's predicted class is read at each step. The area
+under that curve, from 0 to all of the pixels: lower is better for deletion, higher for insertion, each
+as the mean with its 95% bootstrap interval. A map is faithful in so far as it beats the baselines, not
+by its own number: a blurry map scores well at deletion too (removing a blob of pixels takes away more
+than scattered ones), which the blob's row shows.
+
+Both write their table as JSON beside the picture (its name with .json)."""
 
 def cascading_randomisation(model, explain, seed=0):
     """Re-initialise `model`'s top-level parts one more at a time, from the output back (`linear`, then
@@ -101,6 +127,15 @@ def similarity(maps, others, seed):
             "blank_maps": float((others.reshape(len(others), -1).amax(dim=1) == 0).double().mean())}
 
 
+def sanity_check(model, cam, images, inputs, seed=0):
+    """Adebayo et al.'s cascading randomisation for the maps `cam` draws of uint8 `images` (normalized:
+    `inputs`), each for the trained model's prediction. Returns the rows and the figure's drawing."""
+    trained, targets = cam(model)
+    stages = cascading_randomisation(model, lambda randomised: cam(randomised, targets=targets)[0], seed)
+    rows = sanity_rows(trained, stages, edge_maps(images), seed)
+    return rows, lambda title: sanity_figure(images, trained, stages, rows, title)
+
+
 def sanity_rows(trained, stages, edges, seed=0):
     """The sanity check's rows: each stage's maps against the trained model's, then the two rows that give
     the scale: the control (edge maps, which no randomisation changes: 1 by construction) and the floor
@@ -114,12 +149,17 @@ def sanity_rows(trained, stages, edges, seed=0):
     return rows
 
 
-def sanity_table(rows):
+def table(rows):
+    """The rows as printed: the first key names the row, an interval is "mean [low, high]", a share a percentage."""
     def cell(value):
-        return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
-    header = ("randomised, from the output back", "Spearman [95% interval]", "SSIM [95% interval]", "blank maps")
-    lines = [(row["randomised"], cell(row["spearman"]), cell(row["ssim"]), f"{100 * row['blank_maps']:.0f}%")
-             for row in rows]
+        if isinstance(value, dict):
+            return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+        return f"{100 * value:.0f}%" if isinstance(value, float) else str(value)
+    names = {"spearman": "Spearman [95% interval]", "ssim": "SSIM [95% interval]", "blank_maps": "blank maps",
+             "randomised": "randomised, from the output back", "map": "map",
+             "deletion_auc": "deletion AUC [95% interval]", "insertion_auc": "insertion AUC [95% interval]"}
+    header = tuple(names[key] for key in rows[0] if key in names)
+    lines = [tuple(cell(value) for key, value in row.items() if key in names) for row in rows]
     widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
     return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
                      for line in [header] + lines)
@@ -153,6 +193,84 @@ def sanity_figure(images, trained, stages, rows, title, shown=4):
     curves.set(ylabel="similarity to the trained maps", ylim=(min(-0.1, curves.get_ylim()[0]), 1.05))
     curves.grid(alpha=0.3)
     curves.legend(fontsize=7, loc="upper right")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# ----------------------------------------------------------------------------- faithfulness
+
+def removal_order(maps, seed=0):
+    """Each map's pixel indices, most relevant first; ties (a blank region has no order) in a seeded random order."""
+    flat = maps.reshape(len(maps), -1).cpu().double().numpy()
+    return np.lexsort((np.random.default_rng(seed).random(flat.shape), -flat), axis=-1)
+
+
+def perturbation_curves(model, inputs, targets, maps, steps=16, seed=0):
+    """Deletion and insertion (Petsiuk et al. 2018): the explained class's probability as each image's pixels
+    are replaced by the dataset's mean colour (0 once normalized), most relevant first, in `steps` equal
+    steps; and as they are revealed in the same order on an image of the mean colour. Two (N, steps + 1)
+    arrays, from 0 to all of the pixels."""
+    count, _, height, width = inputs.shape
+    order = torch.from_numpy(removal_order(maps, seed)).to(inputs.device)
+    place = torch.empty_like(order).scatter_(1, order, torch.arange(height * width, device=order.device)
+                                             .expand(count, -1))  # each pixel's place in its order
+    deletion, insertion = [], []
+    with torch.no_grad():
+        for step in range(steps + 1):
+            taken = (place < round(step * height * width / steps)).reshape(count, 1, height, width)
+            for curve, kept in ((deletion, ~taken), (insertion, taken)):
+                probabilities = model(inputs * kept).float().softmax(dim=1)
+                curve.append(probabilities.gather(1, targets[:, None])[:, 0].cpu())
+    return torch.stack(deletion, dim=1).numpy(), torch.stack(insertion, dim=1).numpy()
+
+
+def area_under(curves):
+    """The trapezoid area under curves sampled at equal steps over [0, 1], one per row."""
+    return (curves[:, :-1] + curves[:, 1:]).sum(axis=1) / (2 * (curves.shape[1] - 1))
+
+
+def baseline_maps(count, size, seed=0):
+    """The two maps every faithfulness score needs beside it: uniform noise (ranks pixels at random) and a
+    centred Gaussian blob of sigma a quarter of the side (an object is often in the middle of the picture)."""
+    height, width = size
+    noise = torch.rand((count, height, width), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ys, xs = torch.meshgrid(torch.arange(height) - (height - 1) / 2, torch.arange(width) - (width - 1) / 2,
+                            indexing="ij")
+    blob = torch.exp(-(xs ** 2 + ys ** 2) / (2 * (height / 4) ** 2)).expand(count, height, width)
+    return {"random map": noise, "centred blob": blob}
+
+
+def faithfulness(model, cam, images, inputs, seed=0):
+    """Deletion and insertion for Grad-CAM, Grad-CAM++ and the baselines, each for the trained model's
+    prediction. Returns the rows (the mean curves with them) and the figure's drawing."""
+    gradcam, targets = cam(model, method="gradcam")
+    maps = {"Grad-CAM": gradcam, "Grad-CAM++": cam(model, method="gradcam++", targets=targets)[0],
+            **baseline_maps(len(inputs), tuple(inputs.shape[-2:]), seed)}
+    rows = []
+    for name, chosen in maps.items():
+        deletion, insertion = perturbation_curves(model, inputs, targets, chosen, seed=seed)
+        rows.append({"map": name, "deletion_auc": mean_with_interval(area_under(deletion), seed),
+                     "insertion_auc": mean_with_interval(area_under(insertion), seed),
+                     "deletion_curve": deletion.mean(axis=0).tolist(),
+                     "insertion_curve": insertion.mean(axis=0).tolist()})
+    return rows, lambda title: faithfulness_figure(rows, title)
+
+
+def faithfulness_figure(rows, title):
+    figure = cli.new_figure((12, 4.6))
+    for axis, kind, better in zip(figure.subplots(1, 2), ("deletion", "insertion"), ("lower", "higher")):
+        for row in rows:
+            curve = row[f"{kind}_curve"]
+            axis.plot(np.linspace(0, 1, len(curve)), curve, "o-" if "Grad" in row["map"] else "--", markersize=3,
+                      label=f"{row['map']} (AUC {row[f'{kind}_auc']['mean']:.3f})")
+        verb = "replaced by the mean colour" if kind == "deletion" else "revealed on the mean colour"
+        axis.set(title=f"{kind}: most relevant pixels {verb} first ({better} AUC: more faithful)",
+                 xlabel=f"fraction of the pixels {'removed' if kind == 'deletion' else 'revealed'}",
+                 ylabel="probability of the explained class", ylim=(0, 1.02))
+        axis.title.set_fontsize(9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure

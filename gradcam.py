@@ -5,10 +5,12 @@
     python gradcam.py --image a.jpg b.png --layer layer3 layer4 --class cat --method gradcam++
     python gradcam.py --misclassified 25 --layer layer4                 # a grid over the CIFAR test set
     python gradcam.py --sanity-check 100 --layer layer4                 # does the map depend on the model?
+    python gradcam.py --faithfulness 100 --layer layer4                 # does the model use what it marks?
 
     from gradcam import GradCAM                                         # from a notebook
     maps, logits, targets = GradCAM(model, ["layer4"])(images)          # maps: (B, layers, H, W) in [0, 1]
 """
+import argparse
 import io
 import json
 import math
@@ -28,16 +30,6 @@ from cli import UsageError
 from resnet import MODEL_FORMATS, CheckpointError, model_from_checkpoint, read_checkpoint
 
 METHODS = ("gradcam", "gradcam++")
-SANITY_HELP = """--sanity-check N: the model-parameter randomisation test of Adebayo et al. ("Sanity Checks for
-Saliency Maps", NeurIPS 2018). The maps of N seeded test images, each for the trained model's predicted class,
-are computed again as the model's parts are re-initialised one more at a time from the output back (linear,
-then layer4 too, ... conv1). Each row compares the maps with the trained model's, per image, by Spearman's
-rank correlation (do the same pixels rank high?) and SSIM (Wang et al. 2004: do the maps look alike?), as the
-mean over the images with its 95% bootstrap interval. A map that says something about the model falls
-towards the floor row (the trained maps of other images: how alike unrelated maps are) once the layers it
-depends on are random; a map that stays near 1 comes from the input alone, as the control row's edge map
-does by construction. A blank map (zero everywhere: no evidence for the class) counts as 0 for Spearman;
-the last column gives their share. Writes the table as JSON beside the picture (its name with .json)."""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -192,7 +184,7 @@ def overlay(image, heatmap, alpha=0.5):
 
 def build_parser():
     parser = cli.Parser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0],
-                        epilog=SANITY_HELP)
+                        epilog=cam_checks.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
                         help="image(s) to explain: any format and size Pillow reads")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
@@ -213,6 +205,9 @@ def build_parser():
     parser.add_argument("--sanity-check", type=int, nargs="?", const=100, metavar="N",
                         help="instead of --image: the model-randomisation sanity check on N test images (N: 100 "
                              "if not given), a table and a picture; see below")
+    parser.add_argument("--faithfulness", type=int, nargs="?", const=100, metavar="N",
+                        help="instead of --image: deletion and insertion curves on N test images (N: 100 if "
+                             "not given), a table and a picture; see below")
     parser.add_argument("--data-dir", help="where the dataset is (default: the checkpoint's run's, else ./data)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the test images chosen and of the sanity check's random weights "
@@ -222,17 +217,17 @@ def build_parser():
     return parser
 
 
-TEST_SET_MODES = ("misclassified", "correct", "sanity_check")  # instead of --image, each with a count
+TEST_SET_MODES = ("misclassified", "correct", "sanity_check", "faithfulness")  # instead of --image, each with a count
 
 
 def check_args(args):
-    for name, least in zip(TEST_SET_MODES, (1, 1, 2)):
+    for name, least in zip(TEST_SET_MODES, (1, 1, 2, 2)):
         count = getattr(args, name)
         if count is not None and count < least:
             raise UsageError(f"--{name.replace('_', '-')} takes a count of at least {least} (got {count})")
     modes = [f"--{name.replace('_', '-')}" for name in TEST_SET_MODES if getattr(args, name) is not None]
     if len(modes) + bool(args.image) != 1:
-        raise UsageError("give one of --image FILE..., --misclassified N, --correct N or --sanity-check N"
+        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N or --faithfulness N"
                          + (" (not several)" if len(modes) + bool(args.image) > 1 else ""))
     grid = modes[0] if modes else None
     if grid and args.target is not None:
@@ -402,32 +397,33 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
     return figure
 
 
-def sanity_check(args, model, checkpoint, device):
-    """The model-randomisation test (SANITY_HELP, cam_checks) on --sanity-check seeded test images."""
-    data, count, layer = read_test_set(args, checkpoint), args.sanity_check, args.layer[0]
+def check_on_test_images(args, model, checkpoint, device, flag):
+    """--sanity-check or --faithfulness (cam_checks.HELP) on that many seeded test images, each
+    explained for the trained model's prediction: a table, a picture and the numbers as JSON beside it."""
+    data, count, layer = read_test_set(args, checkpoint), getattr(args, flag), args.layer[0]
     if count > len(data.test_labels):
-        raise UsageError(f"--sanity-check {count} asks for more test images than the {len(data.test_labels)} "
-                         f"there are; give at most {len(data.test_labels)}")
+        raise UsageError(f"--{flag.replace('_', '-')} {count} asks for more test images than the "
+                         f"{len(data.test_labels)} there are; give at most {len(data.test_labels)}")
     chosen = np.sort(np.random.default_rng(args.seed).permutation(len(data.test_labels))[:count])
     inputs = model_input(data.test_images[chosen], checkpoint, device)
-    trained, _, targets = GradCAM(model, [layer], args.method)(inputs)
 
-    def explain(randomised):  # every model answers the same question: the trained model's prediction
-        return GradCAM(randomised, [layer], args.method)(inputs, targets)[0][:, 0].cpu()
-    trained, stages = trained[:, 0].cpu(), cam_checks.cascading_randomisation(model, explain, args.seed)
-    images = augment.to_tensor(data.test_images[chosen])
-    rows = cam_checks.sanity_rows(trained, stages, cam_checks.edge_maps(images), args.seed)
-    method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
+    def cam(explained, method=args.method, targets=None):
+        maps, _, targets = GradCAM(explained, [layer], method)(inputs, targets)
+        return maps[:, 0].cpu(), targets
+
+    check = cam_checks.sanity_check if flag == "sanity_check" else cam_checks.faithfulness
+    rows, draw = check(model, cam, augment.to_tensor(data.test_images[chosen]), inputs, args.seed)
     images_are = "test images" if data.official else "held-out images (not the official test set)"
-    out = args.out or "gradcam_sanity.png"
+    method, name = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM", os.path.basename(args.checkpoint)
+    title = (f"{method} at {layer} as {name} is randomised" if flag == "sanity_check" else
+             f"deletion and insertion for {name}, maps at {layer}")
+    out = args.out or f"gradcam_{flag.replace('_', '-')}.png"
     numbers = f"{os.path.splitext(out)[0]}.json"
-    title = f"{method} at {layer} as {os.path.basename(args.checkpoint)} is randomised, {count} {images_are}"
-    cli.save_figure(cam_checks.sanity_figure(images, trained, stages, rows, title), out)
-    result = {"check": "model-parameter randomisation, cascading (Adebayo et al. 2018)", "checkpoint": args.checkpoint,
-              "method": args.method, "layer": layer, "images": count, "images_are": images_are, "seed": args.seed,
-              "rows": rows}
+    cli.save_figure(draw(f"{title}, {count} {images_are}"), out)
+    result = {"check": flag, "checkpoint": args.checkpoint, "method": args.method, "layer": layer, "images": count,
+              "images_are": images_are, "seed": args.seed, "rows": rows}
     cli.write_file(numbers, (json.dumps(result, indent=1) + "\n").encode())
-    return trained[:, None].numpy(), [cam_checks.sanity_table(rows), f"wrote {out} and {numbers}"]
+    return cam(model)[0][:, None].numpy(), [cam_checks.table(rows), f"wrote {out} and {numbers}"]
 
 
 def explain(args):
@@ -440,8 +436,9 @@ def explain(args):
     parse_class(args.target, checkpoint["classes"])
     if args.image:
         maps, lines = explain_images(args, model, checkpoint, device)
-    elif args.sanity_check is not None:
-        maps, lines = sanity_check(args, model, checkpoint, device)
+    elif args.sanity_check is not None or args.faithfulness is not None:
+        flag = "sanity_check" if args.sanity_check is not None else "faithfulness"
+        maps, lines = check_on_test_images(args, model, checkpoint, device, flag)
     else:
         maps, lines = explain_test_grid(args, model, checkpoint, device)
     if args.save_npy:

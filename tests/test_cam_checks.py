@@ -1,5 +1,6 @@
-"""The sanity check of Grad-CAM (cam_checks.py, gradcam.py --sanity-check): its measures on cases whose
-answer is known by hand, the cascade of randomised parts, and the command end to end."""
+"""The checks of Grad-CAM (cam_checks.py, gradcam.py --sanity-check and --faithfulness): their measures on
+cases whose answer is known by hand or by pytorch-grad-cam, the cascade of randomised parts, and the
+commands end to end."""
 import json
 import math
 
@@ -82,6 +83,53 @@ def test_sanity_check_end_to_end(trained_run, tmp_path, capsys):
     assert max(spearman[1:-2]) < 0.5 and rows["+ conv1"]["ssim"]["mean"] < 0.5
 
 
+@pytest.mark.parametrize("percentile", [75, 50])
+def test_deletion_and_insertion_equal_pytorch_grad_cams_perturbation_metric(percentile):
+    from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfidenceMetric,
+                                                                   RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+    torch.manual_seed(0)
+    model, inputs = resnet18().eval(), torch.randn(3, 3, 32, 32)
+    maps = torch.rand(3, 32, 32)  # no ties: a percentile then takes exactly its share of the pixels
+    targets = model(inputs).argmax(dim=1)
+    deletion, insertion = cam_checks.perturbation_curves(model, inputs, targets, maps, steps=4)
+    step = (100 - percentile) // 25  # the step that has removed (or revealed) 100 - percentile % of the pixels
+
+    def oracle(perturbation):
+        return PerturbationConfidenceMetric(perturbation)(
+            inputs, maps.numpy(), [ClassifierOutputSoftmaxTarget(int(t)) for t in targets], model, return_diff=False)
+    keep = lambda image, mask: image * mask  # noqa: E731 - the mean colour: 0 once normalized
+    assert deletion[:, step] == pytest.approx(oracle(RemoveMostRelevantFirst(percentile, keep)), abs=1e-5)
+    assert insertion[:, step] == pytest.approx(oracle(RemoveLeastRelevantFirst(100 - percentile, keep)), abs=1e-5)
+
+
+def test_the_area_under_a_curve_and_the_order_of_a_blank_map():
+    assert cam_checks.area_under(np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 1.0]])) == pytest.approx([0.5, 0.75])
+    order = cam_checks.removal_order(torch.zeros(2, 4, 4), seed=0)
+    assert sorted(order[0]) == list(range(16)) and list(order[0]) != list(order[1])  # a random order each
+    blob = cam_checks.baseline_maps(1, (32, 32))["centred blob"][0]
+    centre = {15 * 32 + 15, 15 * 32 + 16, 16 * 32 + 15, 16 * 32 + 16}  # the blob's four equal highest pixels
+    assert set(cam_checks.removal_order(blob[None])[0][:4].tolist()) == centre
+
+
+def test_faithfulness_end_to_end(trained_run, tmp_path, capsys):
+    out = tmp_path / "faith.png"
+    assert gradcam.main(["--faithfulness", "4", "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
+                         "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "faith.json").read_text())
+    assert out.stat().st_size > 10_000 and result["images"] == 4
+    assert [row["map"] for row in result["rows"]] == ["Grad-CAM", "Grad-CAM++", "random map", "centred blob"]
+    for row in result["rows"]:
+        assert row["map"] in printed and len(row["deletion_curve"]) == 17
+        # The whole image at the start of deletion and at the end of insertion; none at the other ends.
+        assert row["deletion_curve"][0] == pytest.approx(row["insertion_curve"][-1], abs=1e-6)
+        assert row["deletion_curve"][-1] == pytest.approx(row["insertion_curve"][0], abs=1e-6)
+        for kind in ("deletion", "insertion"):
+            auc = row[f"{kind}_auc"]
+            assert auc["low"] <= auc["mean"] <= auc["high"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--sanity-check", "1"], "at least 2"),
     (["--sanity-check", "1000"], "at most 40"),
@@ -89,6 +137,9 @@ def test_sanity_check_end_to_end(trained_run, tmp_path, capsys):
     (["--sanity-check", "5", "--class", "cat"], "--class works with --image only"),
     (["--sanity-check", "5", "--layer", "layer3", "layer4"], "give one --layer"),
     (["--sanity-check", "5", "--layer", "linear"], "does not output a (B, C, H, W) feature map"),
+    (["--faithfulness", "0"], "at least 2"),
+    (["--faithfulness", "41"], "at most 40"),
+    (["--faithfulness", "5", "--sanity-check", "5"], "not several"),
 ])
 def test_sanity_check_bad_input_is_one_line(trained_run, tmp_path, capsys, argv, expected):
     code, err = run_main(gradcam, [*argv, "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
