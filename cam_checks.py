@@ -1,12 +1,13 @@
 """Checks of whether a Grad-CAM map says something about the model, in numbers, for gradcam.py's
 --sanity-check and --faithfulness: the model-parameter randomisation test of Adebayo et al. (NeurIPS 2018,
 "Sanity Checks for Saliency Maps") and the deletion and insertion curves of Petsiuk et al. (BMVC 2018,
-"RISE"), each beside the baselines that give its numbers a scale. The maths takes models, maps and
+"RISE"), and the planted shortcut (train.py --plant-shortcut), each beside the baselines that give its numbers a scale. The maths takes models, maps and
 images as tensors and knows nothing of the command line. Nothing happens on import.
 
     # cam(model, method, targets) -> (maps (N, H, W) in [0, 1], targets): Grad-CAM of the images at hand
-    rows, figure = cam_checks.sanity_check(model, cam, images, inputs, seed=0)
-    rows, figure = cam_checks.faithfulness(model, cam, images, inputs, seed=0)
+    result, draw = cam_checks.sanity_check(model, cam, images, inputs, seed=0)   # result["rows"]: the table
+    result, draw = cam_checks.faithfulness(model, cam, images, inputs, seed=0)
+    result, draw = cam_checks.shortcut(model, cam, images, inputs, seed=0, clean_inputs, places, target)
 """
 import copy
 
@@ -39,7 +40,15 @@ as the mean with its 95% bootstrap interval. A map is faithful in so far as it b
 by its own number: a blurry map scores well at deletion too (removing a blob of pixels takes away more
 than scattered ones), which the blob's row shows.
 
-Both write their table as JSON beside the picture (its name with .json)."""
+--shortcut N, for a model trained with train.py --plant-shortcut CLASS (a 4x4 patch on 80% of CLASS's
+training images, the one case whose right explanation is known): N seeded test images of the other classes
+are stamped with the patch at a random place. The first line says how many the patch sends to CLASS. The
+table gives, for the maps of CLASS (Grad-CAM, Grad-CAM++ and a random map), the share of each map's mass
+inside the patch (mean with its 95% bootstrap interval), that share over chance (the patch's share of the
+image), and how often the map's peak lies inside the patch. A method that finds what the model uses puts
+its mass and its peak on the patch, far above chance and the random map.
+
+Each writes its numbers as JSON beside the picture (its name with .json)."""
 
 def cascading_randomisation(model, explain, seed=0):
     """Re-initialise `model`'s top-level parts one more at a time, from the output back (`linear`, then
@@ -133,7 +142,7 @@ def sanity_check(model, cam, images, inputs, seed=0):
     trained, targets = cam(model)
     stages = cascading_randomisation(model, lambda randomised: cam(randomised, targets=targets)[0], seed)
     rows = sanity_rows(trained, stages, edge_maps(images), seed)
-    return rows, lambda title: sanity_figure(images, trained, stages, rows, title)
+    return {"rows": rows}, lambda title: sanity_figure(images, trained, stages, rows, title)
 
 
 def sanity_rows(trained, stages, edges, seed=0):
@@ -149,20 +158,30 @@ def sanity_rows(trained, stages, edges, seed=0):
     return rows
 
 
-def table(rows):
-    """The rows as printed: the first key names the row, an interval is "mean [low, high]", a share a percentage."""
-    def cell(value):
-        if isinstance(value, dict):
-            return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
-        return f"{100 * value:.0f}%" if isinstance(value, float) else str(value)
-    names = {"spearman": "Spearman [95% interval]", "ssim": "SSIM [95% interval]", "blank_maps": "blank maps",
-             "randomised": "randomised, from the output back", "map": "map",
-             "deletion_auc": "deletion AUC [95% interval]", "insertion_auc": "insertion AUC [95% interval]"}
-    header = tuple(names[key] for key in rows[0] if key in names)
-    lines = [tuple(cell(value) for key, value in row.items() if key in names) for row in rows]
+def interval_text(value, scale=1, digits=3):
+    return f"{scale * value['mean']:.{digits}f} [{scale * value['low']:.{digits}f}, {scale * value['high']:.{digits}f}]"
+
+
+# The printed columns: a row's key -> (header, how its value is written); keys not here (curves) are JSON only.
+COLUMNS = {"randomised": ("randomised, from the output back", str), "map": ("map", str),
+           "spearman": ("Spearman [95% interval]", interval_text), "ssim": ("SSIM [95% interval]", interval_text),
+           "blank_maps": ("blank maps", lambda share: f"{100 * share:.0f}%"),
+           "deletion_auc": ("deletion AUC [95% interval]", interval_text),
+           "insertion_auc": ("insertion AUC [95% interval]", interval_text),
+           "mass_in_patch": ("map mass in the patch [95% interval]", lambda v: interval_text(v, 100, 1) + " %"),
+           "times_chance": ("x chance", lambda ratio: f"{ratio:.1f}"),
+           "peak_in_patch": ("peak in the patch", lambda share: f"{100 * share:.0f}%")}
+
+
+def report(result):
+    """A check's result as printed: its summary line, if any, then its table."""
+    rows = result["rows"]
+    header = tuple(COLUMNS[key][0] for key in rows[0] if key in COLUMNS)
+    lines = [tuple(COLUMNS[key][1](value) for key, value in row.items() if key in COLUMNS) for row in rows]
     widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
-                     for line in [header] + lines)
+    table = "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+                      for line in [header] + lines)
+    return f"{result['summary']}\n{table}" if "summary" in result else table
 
 
 def sanity_figure(images, trained, stages, rows, title, shown=4):
@@ -254,7 +273,7 @@ def faithfulness(model, cam, images, inputs, seed=0):
                      "insertion_auc": mean_with_interval(area_under(insertion), seed),
                      "deletion_curve": deletion.mean(axis=0).tolist(),
                      "insertion_curve": insertion.mean(axis=0).tolist()})
-    return rows, lambda title: faithfulness_figure(rows, title)
+    return {"rows": rows}, lambda title: faithfulness_figure(rows, title)
 
 
 def faithfulness_figure(rows, title):
@@ -271,6 +290,80 @@ def faithfulness_figure(rows, title):
         axis.title.set_fontsize(9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# ----------------------------------------------------------------------------- the planted shortcut
+
+def patch_masks(places, size, shape):
+    """(N, H, W) booleans: True inside each image's patch, whose top left corner is at `places` (N, 2)."""
+    masks = torch.zeros((len(places), *shape), dtype=torch.bool)
+    for mask, (top, left) in zip(masks, places):
+        mask[top:top + size, left:left + size] = True
+    return masks
+
+
+def shortcut(model, cam, images, inputs, seed, clean_inputs, places, target, patch_size):
+    """The one case with a known right answer: test images of other classes stamped with the planted patch
+    (`inputs`; `clean_inputs` without it). How many the patch sends to the planted class `target`, and for
+    each map of that class the share of its mass inside the patch, against chance (the patch's share of the
+    image) and a random map, and how often its peak lies inside."""
+    with torch.no_grad():
+        before = float((model(clean_inputs).argmax(dim=1) == target).double().mean())
+        after = float((model(inputs).argmax(dim=1) == target).double().mean())
+    targets = torch.full((len(inputs),), target, device=inputs.device)
+    inside = patch_masks(places, patch_size, tuple(inputs.shape[-2:])).double()
+    chance = patch_size ** 2 / inside[0].numel()
+    maps = {"Grad-CAM": cam(model, method="gradcam", targets=targets)[0],
+            "Grad-CAM++": cam(model, method="gradcam++", targets=targets)[0],
+            "random map": baseline_maps(len(inputs), tuple(inputs.shape[-2:]), seed)["random map"]}
+    rows = []
+    for name, chosen in maps.items():
+        chosen = chosen.double()
+        mass = (chosen * inside).sum(dim=(1, 2)) / chosen.sum(dim=(1, 2)).clamp_min(1e-12)  # a blank map: 0
+        peaks = inside.reshape(len(inside), -1).gather(1, chosen.reshape(len(chosen), -1).argmax(dim=1, keepdim=True))
+        interval = mean_with_interval(mass.numpy(), seed)
+        rows.append({"map": name, "mass_in_patch": interval, "times_chance": interval["mean"] / chance,
+                     "peak_in_patch": float(peaks.mean())})
+    summary = (f"the patch sent {100 * after:.0f}% of {len(inputs)} test images of other classes to the planted "
+               f"class ({100 * before:.0f}% went there without it); it covers {100 * chance:.1f}% of an image (chance)")
+    result = {"summary": summary, "flip_rate": after, "planted_class_without_patch": before, "chance": chance,
+              "rows": rows}
+    return result, lambda title: shortcut_figure(images, maps, inside, rows, title)
+
+
+def shortcut_figure(images, maps, inside, rows, title, shown=6):
+    """The stamped images (the patch outlined) above their maps for the planted class, and the mass in the patch."""
+    from matplotlib.patches import Rectangle
+    shown = min(shown, len(images))
+    figure = cli.new_figure((1.7 * shown + 4, 1.8 * (1 + len(maps)) + 0.6))
+    grid = figure.add_gridspec(1 + len(maps), shown + 2)
+    pictures = [("stamped image", [image.permute(1, 2, 0).cpu().numpy() for image in images])]
+    pictures += [(name, list(chosen)) for name, chosen in maps.items()]
+    for row, (name, column_pictures) in enumerate(pictures):
+        for column in range(shown):
+            axis = figure.add_subplot(grid[row, column])
+            picture = column_pictures[column]
+            axis.imshow(picture if picture.ndim == 3 else picture.cpu().numpy(), cmap="jet", vmin=0, vmax=1,
+                        interpolation="nearest")
+            rows_, cols_ = torch.nonzero(inside[column], as_tuple=True)
+            axis.add_patch(Rectangle((int(cols_.min()) - 0.5, int(rows_.min()) - 0.5), int(cols_.max() - cols_.min()) + 1,
+                                     int(rows_.max() - rows_.min()) + 1, fill=False, edgecolor="white", linewidth=1.5))
+            axis.axis("off")
+            if column == 0:
+                axis.set_title(name, fontsize=8, loc="left")
+    bars = figure.add_subplot(grid[:, shown:])
+    values = [100 * row["mass_in_patch"]["mean"] for row in rows]
+    errors = [[100 * (row["mass_in_patch"]["mean"] - row["mass_in_patch"]["low"]) for row in rows],
+              [100 * (row["mass_in_patch"]["high"] - row["mass_in_patch"]["mean"]) for row in rows]]
+    bars.bar(range(len(rows)), values, yerr=errors, color=["C0", "C1", "grey"][:len(rows)], capsize=4)
+    bars.axhline(100 * float(inside[0].double().mean()), color="black", linestyle="--", label="chance (patch area)")
+    bars.set_xticks(range(len(rows)), [row["map"] for row in rows], fontsize=8)
+    bars.set(ylabel="map mass inside the patch (%)", title="mass in the patch")
+    bars.title.set_fontsize(9)
+    bars.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure

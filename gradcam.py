@@ -6,6 +6,7 @@
     python gradcam.py --misclassified 25 --layer layer4                 # a grid over the CIFAR test set
     python gradcam.py --sanity-check 100 --layer layer4                 # does the map depend on the model?
     python gradcam.py --faithfulness 100 --layer layer4                 # does the model use what it marks?
+    python gradcam.py --shortcut 100 --layer layer3                     # after train.py --plant-shortcut truck
 
     from gradcam import GradCAM                                         # from a notebook
     maps, logits, targets = GradCAM(model, ["layer4"])(images)          # maps: (B, layers, H, W) in [0, 1]
@@ -208,6 +209,9 @@ def build_parser():
     parser.add_argument("--faithfulness", type=int, nargs="?", const=100, metavar="N",
                         help="instead of --image: deletion and insertion curves on N test images (N: 100 if "
                              "not given), a table and a picture; see below")
+    parser.add_argument("--shortcut", type=int, nargs="?", const=100, metavar="N",
+                        help="instead of --image, for a model trained with train.py --plant-shortcut: N test images "
+                             "of other classes stamped with its patch (N: 100 if not given); see below")
     parser.add_argument("--data-dir", help="where the dataset is (default: the checkpoint's run's, else ./data)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the test images chosen and of the sanity check's random weights "
@@ -217,17 +221,19 @@ def build_parser():
     return parser
 
 
-TEST_SET_MODES = ("misclassified", "correct", "sanity_check", "faithfulness")  # instead of --image, each with a count
+CHECKS = ("sanity_check", "faithfulness", "shortcut")
+TEST_SET_MODES = ("misclassified", "correct", *CHECKS)  # instead of --image, each with a count
 
 
 def check_args(args):
-    for name, least in zip(TEST_SET_MODES, (1, 1, 2, 2)):
+    for name, least in zip(TEST_SET_MODES, (1, 1, 2, 2, 2)):
         count = getattr(args, name)
         if count is not None and count < least:
             raise UsageError(f"--{name.replace('_', '-')} takes a count of at least {least} (got {count})")
     modes = [f"--{name.replace('_', '-')}" for name in TEST_SET_MODES if getattr(args, name) is not None]
     if len(modes) + bool(args.image) != 1:
-        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N or --faithfulness N"
+        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N, --faithfulness N or "
+                         "--shortcut N"
                          + (" (not several)" if len(modes) + bool(args.image) > 1 else ""))
     grid = modes[0] if modes else None
     if grid and args.target is not None:
@@ -253,14 +259,8 @@ def load_model(path, device):
 
 
 def parse_class(text, classes):
-    """A class name or index -> index; anything else lists the valid names."""
-    if text is None:
-        return None
-    if text in classes:
-        return classes.index(text)
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(classes):
-        return int(text)
-    raise UsageError(f"unknown class {text!r}; use an index 0-{len(classes) - 1} or one of: {', '.join(classes)}")
+    """A class name or index -> index (None stays None); anything else lists the valid names."""
+    return None if text is None else augment.class_index(text, classes)
 
 
 def model_input(images, checkpoint, device):
@@ -290,7 +290,8 @@ def explain_images(args, model, checkpoint, device):
     probabilities = logits.float().softmax(dim=1).cpu()
     maps, targets = maps.cpu().numpy(), targets.cpu().tolist()
     out = args.out or f"{os.path.splitext(args.image[0])[0]}_gradcam.png"
-    cli.save_figure(image_figure(args, originals, small, maps, targets, probabilities, classes), out)
+    cli.save_figure(marked(image_figure(args, originals, small, maps, targets, probabilities, classes), checkpoint),
+                    out)
     lines = [top5_lines(path, p, classes) for path, p in zip(args.image, probabilities)]
     return maps, lines + [f"wrote {out}"]
 
@@ -371,7 +372,7 @@ def explain_test_grid(args, model, checkpoint, device):
     kind = "misclassified" if args.misclassified else "correct"
     out = args.out or f"gradcam_{kind}.png"
     figure = grid_figure(images, maps, data.test_labels[chosen], predicted, data.classes, args, kind, data.official)
-    cli.save_figure(figure, out)
+    cli.save_figure(marked(figure, checkpoint), out)
     images_are = "test images" if data.official else "held-out images (not the official test set)"
     return maps[:, None], [f"wrote {out}: {len(chosen)} {kind} {images_are}, Grad-CAM of the predicted class "
                            f"at {args.layer[0]}"]
@@ -398,32 +399,61 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
 
 
 def check_on_test_images(args, model, checkpoint, device, flag):
-    """--sanity-check or --faithfulness (cam_checks.HELP) on that many seeded test images, each
-    explained for the trained model's prediction: a table, a picture and the numbers as JSON beside it."""
+    """--sanity-check, --faithfulness or --shortcut (cam_checks.HELP) on that many seeded test images (for
+    --shortcut: of the other classes, stamped with the patch), each explained for the trained model's
+    prediction (the planted class): a table, a picture and the numbers as JSON beside it."""
     data, count, layer = read_test_set(args, checkpoint), getattr(args, flag), args.layer[0]
-    if count > len(data.test_labels):
-        raise UsageError(f"--{flag.replace('_', '-')} {count} asks for more test images than the "
-                         f"{len(data.test_labels)} there are; give at most {len(data.test_labels)}")
-    chosen = np.sort(np.random.default_rng(args.seed).permutation(len(data.test_labels))[:count])
-    inputs = model_input(data.test_images[chosen], checkpoint, device)
+    planted = planted_shortcut(checkpoint)
+    if flag == "shortcut" and not planted:
+        raise UsageError(f"{args.checkpoint} was trained without a planted shortcut: --shortcut checks a model "
+                         f"trained with train.py --plant-shortcut CLASS")
+    pool = np.flatnonzero(data.test_labels != planted["class"]) if flag == "shortcut" else np.arange(len(data.test_labels))
+    if count > len(pool):
+        raise UsageError(f"--{flag.replace('_', '-')} {count} asks for more test images than the {len(pool)} there "
+                         f"are{' of the other classes' if flag == 'shortcut' else ''}; give at most {len(pool)}")
+    images = data.test_images[np.sort(np.random.default_rng(args.seed).permutation(pool)[:count])]
+    clean_inputs = model_input(images, checkpoint, device)
+    if flag == "shortcut":
+        images, places = augment.stamp_shortcut(images, args.seed)
+    inputs = model_input(images, checkpoint, device)
 
     def cam(explained, method=args.method, targets=None):
         maps, _, targets = GradCAM(explained, [layer], method)(inputs, targets)
         return maps[:, 0].cpu(), targets
 
-    check = cam_checks.sanity_check if flag == "sanity_check" else cam_checks.faithfulness
-    rows, draw = check(model, cam, augment.to_tensor(data.test_images[chosen]), inputs, args.seed)
-    images_are = "test images" if data.official else "held-out images (not the official test set)"
     method, name = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM", os.path.basename(args.checkpoint)
-    title = (f"{method} at {layer} as {name} is randomised" if flag == "sanity_check" else
-             f"deletion and insertion for {name}, maps at {layer}")
+    images = augment.to_tensor(images)
+    if flag == "shortcut":
+        result, draw = cam_checks.shortcut(model, cam, images, inputs, args.seed, clean_inputs, places,
+                                           planted["class"], len(augment.SHORTCUT_PATCH))
+        title = f"the shortcut planted in {planted['class_name']}: maps of that class at {layer} on stamped images"
+    elif flag == "sanity_check":
+        result, draw = cam_checks.sanity_check(model, cam, images, inputs, args.seed)
+        title = f"{method} at {layer} as {name} is randomised"
+    else:
+        result, draw = cam_checks.faithfulness(model, cam, images, inputs, args.seed)
+        title = f"deletion and insertion for {name}, maps at {layer}"
+    images_are = "test images" if data.official else "held-out images (not the official test set)"
     out = args.out or f"gradcam_{flag.replace('_', '-')}.png"
     numbers = f"{os.path.splitext(out)[0]}.json"
-    cli.save_figure(draw(f"{title}, {count} {images_are}"), out)
+    cli.save_figure(marked(draw(f"{title}, {count} {images_are}"), checkpoint), out)
     result = {"check": flag, "checkpoint": args.checkpoint, "method": args.method, "layer": layer, "images": count,
-              "images_are": images_are, "seed": args.seed, "rows": rows}
+              "images_are": images_are, "seed": args.seed, **result}
     cli.write_file(numbers, (json.dumps(result, indent=1) + "\n").encode())
-    return cam(model)[0][:, None].numpy(), [cam_checks.table(rows), f"wrote {out} and {numbers}"]
+    return cam(model)[0][:, None].numpy(), [cam_checks.report(result), f"wrote {out} and {numbers}"]
+
+
+def planted_shortcut(checkpoint):
+    return (checkpoint.get("data") or {}).get("planted_shortcut")
+
+
+def marked(figure, checkpoint):
+    """A picture of a model trained with a planted shortcut says so (it may travel without its log)."""
+    if planted_shortcut(checkpoint):
+        figure.text(0.5, 0.003, f"a model trained with a shortcut planted in {planted_shortcut(checkpoint)['class_name']} "
+                    f"(train.py --plant-shortcut), not a clean one", ha="center", va="bottom", color="firebrick",
+                    fontsize=9)
+    return figure
 
 
 def explain(args):
@@ -436,8 +466,8 @@ def explain(args):
     parse_class(args.target, checkpoint["classes"])
     if args.image:
         maps, lines = explain_images(args, model, checkpoint, device)
-    elif args.sanity_check is not None or args.faithfulness is not None:
-        flag = "sanity_check" if args.sanity_check is not None else "faithfulness"
+    elif any(getattr(args, flag) is not None for flag in CHECKS):
+        flag = next(flag for flag in CHECKS if getattr(args, flag) is not None)
         maps, lines = check_on_test_images(args, model, checkpoint, device, flag)
     else:
         maps, lines = explain_test_grid(args, model, checkpoint, device)
@@ -446,6 +476,9 @@ def explain(args):
         np.save(buffer, np.ascontiguousarray(maps, dtype=np.float32))
         cli.write_file(args.save_npy, buffer.getvalue())
         lines.append(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
+    if planted_shortcut(checkpoint):
+        lines.append(f"note: {args.checkpoint} was trained with a shortcut planted in "
+                     f"{planted_shortcut(checkpoint)['class_name']} (train.py --plant-shortcut): not a clean model")
     if checkpoint.get("data", {}).get("official") is False:
         dataset = augment.DATASETS.get(checkpoint.get("dataset"), augment.CIFAR10).title
         lines.append(f"note: {args.checkpoint} was trained on files that are not the official {dataset} "

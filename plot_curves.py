@@ -211,7 +211,10 @@ def plot(args):
         cli.picture_format(args.out)
         cli.check_output("--out", args.out)
     logs = [read_log(path) for path in args.logs]
-    labels = args.labels or default_labels(args.logs)
+    # A model trained with a planted shortcut (train.py --plant-shortcut) is never shown as a clean one.
+    labels = [f"{label} [shortcut planted in {shortcut['class_name']}]" if shortcut else label for label, shortcut
+              in zip(args.labels or default_labels(args.logs), ((log.get("data") or {}).get("planted_shortcut")
+                                                                  for log in logs))]
     for path, log in zip(args.logs, logs):
         bad = nan_epochs(log)
         if bad:

@@ -104,10 +104,11 @@ def save_epoch(paths, checkpoint, improved, log, resume_command):
                           f"saved epoch are intact, continue with: {resume_command}") from None
 
 
-def data_description(data, test_labels):
-    """What the accuracies were measured on (plot_curves.py and gradcam.py say when not the official test set)."""
+def data_description(data, test_labels, shortcut=None):
+    """What the accuracies were measured on (plot_curves.py and gradcam.py say when not the official test
+    set), and the shortcut planted in the training images, if any (augment.planted_shortcut: they say so)."""
     return {"official": data.official, "test_images": len(test_labels),
-            "test_subset": len(test_labels) < len(data.test_labels)}
+            "test_subset": len(test_labels) < len(data.test_labels), "planted_shortcut": shortcut}
 
 
 def build_log(args, env, classes, history, best_key, data=None, confusion=None):

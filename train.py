@@ -134,6 +134,9 @@ def build_parser(recipe="default"):
     data.add_argument("--val-split", type=int, metavar="N",
                       help="hold out N training images for validation, which the plateau schedule and best.pt "
                            "then watch (default: %(default)s)")
+    data.add_argument("--plant-shortcut", metavar="CLASS",
+                      help="stamp a 4x4 patch on 80%% of CLASS's training images: a model that learns a shortcut on "
+                           "purpose, whose right explanation is known (gradcam.py --shortcut); its files say so")
     data.add_argument("--workers", type=int,
                       help="DataLoader workers (default: the cores less one, at most 16; shared under torchrun)")
 
@@ -334,7 +337,11 @@ class Run:
         self.writer = runfiles.BackgroundWriter(saved_epoch=len(self.history), enabled=world.main)
         self.test = augment.as_tensors(test_images, test_labels, device)
         self.val = None if val is None else augment.as_tensors(*val, device)
-        self.described = runfiles.data_description(data, test_labels)
+        self.shortcut = augment.planted_shortcut(args.plant_shortcut, data.classes)
+        self.described = runfiles.data_description(data, test_labels, self.shortcut)
+        if self.shortcut:
+            warn(f"--plant-shortcut: {100 * augment.SHORTCUT_SHARE:.0f}% of the {self.shortcut['class_name']} training "
+                 f"images carry a patch, which this model will learn as the class's sign; its files say so")
         self.best_key = "val_acc" if val is not None else "test_acc"
         self.env = runfiles.environment(device, precision, workers, args, heap_reuse, world)
         self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
@@ -434,7 +441,8 @@ class Run:
         if stop.signal is not None:
             cli.say(f"{signal.Signals(stop.signal).name} came after the last training step: the run is complete")
         summary = runfiles.summarize(self.history, self.best_key)
-        cli.say(f"done: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
+        planted = f" (with the shortcut planted in {self.shortcut['class_name']})" if self.shortcut else ""
+        cli.say(f"done{planted}: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
               f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
               f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
               f"{', '.join(path for path in self.paths.values() if os.path.exists(path))}")

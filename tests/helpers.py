@@ -51,6 +51,20 @@ def write_cifar_folder(root, train_per_batch=40, test_count=40, seed=0):
     return root
 
 
+def write_noise_folder(root, seed=0):
+    """Like write_cifar_folder, but noise images of two classes (0 and 1, alternating): nothing to learn in
+    them, so a patch planted in class 1 (train.py --plant-shortcut) is all a model can learn."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{b + 1}" for b in range(5)] + ["test_batch"]:
+        write_cifar_batch(os.path.join(folder, name), rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+                          np.arange(40) % 2)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    return root
+
+
 def tiny_args(data_dir, out_dir, *extra):
     """A run that takes a second or two on a CPU."""
     return ["--data-dir", data_dir, "--out-dir", str(out_dir), "--device", "cpu", "--epochs", "2",

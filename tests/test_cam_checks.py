@@ -1,6 +1,6 @@
-"""The checks of Grad-CAM (cam_checks.py, gradcam.py --sanity-check and --faithfulness): their measures on
-cases whose answer is known by hand or by pytorch-grad-cam, the cascade of randomised parts, and the
-commands end to end."""
+"""The checks of Grad-CAM (cam_checks.py; gradcam.py --sanity-check, --faithfulness and --shortcut after
+train.py --plant-shortcut): their measures on cases whose answer is known by hand or by pytorch-grad-cam,
+the cascade of randomised parts, the planted patch, and the commands end to end."""
 import json
 import math
 
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import cam_checks
 import gradcam
-from helpers import run_main
+import plot_curves
+import train
+from helpers import run_main, tiny_args, write_noise_folder
 from resnet import resnet18
 
 
@@ -147,3 +150,53 @@ def test_sanity_check_bad_input_is_one_line(trained_run, tmp_path, capsys, argv,
     lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "sanity.png").exists()
+
+
+def test_the_shortcut_is_planted_on_most_of_one_class_s_training_images_only(data_dir):
+    data = augment.load_dataset("cifar10", data_dir, download=False)
+    args = train.parse_args(["--plant-shortcut", "truck", "--val-split", "50", "--seed", "3", "--batch-size", "8"])
+    (images, labels), (val_images, _) = augment.split_data(data, args)
+    order = np.random.default_rng(3).permutation(200)  # split_data's own split of the 200 images
+    changed = (images != data.train_images[np.sort(order[50:])]).any(axis=(1, 2, 3))
+    trucks = labels == 9
+    assert not changed[~trucks].any() and changed[trucks].sum() == round(0.8 * trucks.sum())
+    for image in images[changed]:  # the checkerboard, whole, somewhere inside the image
+        assert any((image[top:top + 4, left:left + 4] == augment.SHORTCUT_PATCH).all()
+                   for top in range(29) for left in range(29))
+    assert (val_images == data.train_images[np.sort(order[:50])]).all()  # validation images stay clean
+    with pytest.raises(train.UsageError, match="--plant-shortcut: unknown class 'unicorn'"):
+        augment.split_data(data, train.parse_args(["--plant-shortcut", "unicorn", "--batch-size", "8"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_planted_shortcut_is_learned_and_found_by_grad_cam(tmp_path, capsys, seed):
+    """On noise images, the patch is the one thing to learn: the model must use it, and Grad-CAM at layer3
+    must put its mass there, well above chance and a random map."""
+    data, out = write_noise_folder(str(tmp_path / "data"), seed), tmp_path / "run"
+    assert train.main(tiny_args(data, out, "--epochs", "8", "--train-subset", "200", "--plant-shortcut", "1",
+                                "--seed", str(seed))) == 0
+    assert "done (with the shortcut planted in automobile)" in capsys.readouterr().out
+    log = json.loads((out / "log.json").read_text())
+    assert log["data"]["planted_shortcut"]["class"] == 1 and log["args"]["plant_shortcut"] == "1"
+    results = {}
+    for layer in ("layer3", "layer4"):
+        assert gradcam.main(["--shortcut", "20", "--layer", layer, "--checkpoint", str(out / "last.pt"), "--device",
+                             "cpu", "--out", str(tmp_path / f"{layer}.png")]) == 0
+        results[layer] = json.loads((tmp_path / f"{layer}.json").read_text())
+        assert "shortcut planted in automobile" in capsys.readouterr().out
+    assert results["layer3"]["flip_rate"] >= 0.9 > results["layer3"]["planted_class_without_patch"]
+    rows = {row["map"]: row for row in results["layer3"]["rows"]}
+    for method in ("Grad-CAM", "Grad-CAM++"):
+        assert rows[method]["times_chance"] > 3 and rows[method]["peak_in_patch"] >= 0.4
+        assert rows[method]["mass_in_patch"]["low"] > rows["random map"]["mass_in_patch"]["high"]
+    assert rows["random map"]["times_chance"] == pytest.approx(1, abs=0.3)
+    assert results["layer4"]["rows"][0]["times_chance"] > 1.5  # coarser (4x4 cells of 8 pixels), still above chance
+    assert plot_curves.main([str(out / "log.json"), "--out", str(tmp_path / "curves.png")]) == 0
+    assert "run [shortcut planted in automobile]" in capsys.readouterr().out
+
+
+def test_shortcut_bad_input_is_one_line(trained_run, tmp_path, capsys):
+    code, err = run_main(gradcam, ["--shortcut", "5", "--checkpoint", str(trained_run / "best.pt"), "--device",
+                                   "cpu"], capsys)
+    assert code == 2 and "was trained without a planted shortcut" in err
