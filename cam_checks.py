@@ -1,13 +1,14 @@
 """Checks of whether a Grad-CAM map says something about the model, in numbers, for gradcam.py's
---sanity-check and --faithfulness: the model-parameter randomisation test of Adebayo et al. (NeurIPS 2018,
-"Sanity Checks for Saliency Maps") and the deletion and insertion curves of Petsiuk et al. (BMVC 2018,
-"RISE"), and the planted shortcut (train.py --plant-shortcut), each beside the baselines that give its numbers a scale. The maths takes models, maps and
-images as tensors and knows nothing of the command line. Nothing happens on import.
+--sanity-check, --faithfulness and --shortcut: the model-parameter randomisation test of Adebayo et al.
+(NeurIPS 2018, "Sanity Checks for Saliency Maps"), the deletion and insertion curves of Petsiuk et al.
+(BMVC 2018, "RISE") and the shortcut planted by train.py --plant-shortcut, each beside the baselines that
+give its numbers a scale. The maths takes models, maps and images as tensors and knows nothing of the
+command line. Nothing happens on import.
 
     # cam(model, method, targets) -> (maps (N, H, W) in [0, 1], targets): Grad-CAM of the images at hand
     result, draw = cam_checks.sanity_check(model, cam, images, inputs, seed=0)   # result["rows"]: the table
     result, draw = cam_checks.faithfulness(model, cam, images, inputs, seed=0)
-    result, draw = cam_checks.shortcut(model, cam, images, inputs, seed=0, clean_inputs, places, target)
+    result, draw = cam_checks.shortcut(model, cam, images, inputs, 0, clean_inputs, places, planted, 4)
 """
 import copy
 
@@ -49,6 +50,9 @@ image), and how often the map's peak lies inside the patch. A method that finds 
 its mass and its peak on the patch, far above chance and the random map.
 
 Each writes its numbers as JSON beside the picture (its name with .json)."""
+
+
+# ----------------------------------------------------------------------------- the sanity check
 
 def cascading_randomisation(model, explain, seed=0):
     """Re-initialise `model`'s top-level parts one more at a time, from the output back (`linear`, then
@@ -305,11 +309,13 @@ def patch_masks(places, size, shape):
     return masks
 
 
-def shortcut(model, cam, images, inputs, seed, clean_inputs, places, target, patch_size):
+def shortcut(model, cam, images, inputs, seed, clean_inputs, places, planted, patch_size):
     """The one case with a known right answer: test images of other classes stamped with the planted patch
-    (`inputs`; `clean_inputs` without it). How many the patch sends to the planted class `target`, and for
+    (`inputs`; `clean_inputs` without it). How many the patch sends to the planted class (`planted`, as
+    augment.planted_shortcut describes it), and for
     each map of that class the share of its mass inside the patch, against chance (the patch's share of the
     image) and a random map, and how often its peak lies inside."""
+    target = planted["class"]
     with torch.no_grad():
         before = float((model(clean_inputs).argmax(dim=1) == target).double().mean())
         after = float((model(inputs).argmax(dim=1) == target).double().mean())
@@ -327,14 +333,15 @@ def shortcut(model, cam, images, inputs, seed, clean_inputs, places, target, pat
         interval = mean_with_interval(mass.numpy(), seed)
         rows.append({"map": name, "mass_in_patch": interval, "times_chance": interval["mean"] / chance,
                      "peak_in_patch": float(peaks.mean())})
-    summary = (f"the patch sent {100 * after:.0f}% of {len(inputs)} test images of other classes to the planted "
-               f"class ({100 * before:.0f}% went there without it); it covers {100 * chance:.1f}% of an image (chance)")
+    summary = (f"the patch sent {100 * after:.0f}% of {len(inputs)} test images of other classes to "
+               f"{planted['class_name']} ({100 * before:.0f}% went there without it); it covers {100 * chance:.1f}% "
+               f"of an image (chance)")
     result = {"summary": summary, "flip_rate": after, "planted_class_without_patch": before, "chance": chance,
               "rows": rows}
-    return result, lambda title: shortcut_figure(images, maps, inside, rows, title)
+    return result, lambda title: shortcut_figure(images, maps, places, patch_size, rows, chance, title)
 
 
-def shortcut_figure(images, maps, inside, rows, title, shown=6):
+def shortcut_figure(images, maps, places, patch_size, rows, chance, title, shown=6):
     """The stamped images (the patch outlined) above their maps for the planted class, and the mass in the patch."""
     from matplotlib.patches import Rectangle
     shown = min(shown, len(images))
@@ -348,9 +355,9 @@ def shortcut_figure(images, maps, inside, rows, title, shown=6):
             picture = column_pictures[column]
             axis.imshow(picture if picture.ndim == 3 else picture.cpu().numpy(), cmap="jet", vmin=0, vmax=1,
                         interpolation="nearest")
-            rows_, cols_ = torch.nonzero(inside[column], as_tuple=True)
-            axis.add_patch(Rectangle((int(cols_.min()) - 0.5, int(rows_.min()) - 0.5), int(cols_.max() - cols_.min()) + 1,
-                                     int(rows_.max() - rows_.min()) + 1, fill=False, edgecolor="white", linewidth=1.5))
+            top, left = places[column]
+            axis.add_patch(Rectangle((left - 0.5, top - 0.5), patch_size, patch_size, fill=False, edgecolor="white",
+                                     linewidth=1.5))
             axis.axis("off")
             if column == 0:
                 axis.set_title(name, fontsize=8, loc="left")
@@ -359,7 +366,7 @@ def shortcut_figure(images, maps, inside, rows, title, shown=6):
     errors = [[100 * (row["mass_in_patch"]["mean"] - row["mass_in_patch"]["low"]) for row in rows],
               [100 * (row["mass_in_patch"]["high"] - row["mass_in_patch"]["mean"]) for row in rows]]
     bars.bar(range(len(rows)), values, yerr=errors, color=["C0", "C1", "grey"][:len(rows)], capsize=4)
-    bars.axhline(100 * float(inside[0].double().mean()), color="black", linestyle="--", label="chance (patch area)")
+    bars.axhline(100 * chance, color="black", linestyle="--", label="chance (patch area)")
     bars.set_xticks(range(len(rows)), [row["map"] for row in rows], fontsize=8)
     bars.set(ylabel="map mass inside the patch (%)", title="mass in the patch")
     bars.title.set_fontsize(9)

@@ -232,8 +232,8 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} takes a count of at least {least} (got {count})")
     modes = [f"--{name.replace('_', '-')}" for name in TEST_SET_MODES if getattr(args, name) is not None]
     if len(modes) + bool(args.image) != 1:
-        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N, --faithfulness N or "
-                         "--shortcut N"
+        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N, "
+                         "--faithfulness N or --shortcut N"
                          + (" (not several)" if len(modes) + bool(args.image) > 1 else ""))
     grid = modes[0] if modes else None
     if grid and args.target is not None:
@@ -407,7 +407,8 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     if flag == "shortcut" and not planted:
         raise UsageError(f"{args.checkpoint} was trained without a planted shortcut: --shortcut checks a model "
                          f"trained with train.py --plant-shortcut CLASS")
-    pool = np.flatnonzero(data.test_labels != planted["class"]) if flag == "shortcut" else np.arange(len(data.test_labels))
+    labels = data.test_labels
+    pool = np.flatnonzero(labels != planted["class"]) if flag == "shortcut" else np.arange(len(labels))
     if count > len(pool):
         raise UsageError(f"--{flag.replace('_', '-')} {count} asks for more test images than the {len(pool)} there "
                          f"are{' of the other classes' if flag == 'shortcut' else ''}; give at most {len(pool)}")
@@ -424,8 +425,8 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     method, name = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM", os.path.basename(args.checkpoint)
     images = augment.to_tensor(images)
     if flag == "shortcut":
-        result, draw = cam_checks.shortcut(model, cam, images, inputs, args.seed, clean_inputs, places,
-                                           planted["class"], len(augment.SHORTCUT_PATCH))
+        result, draw = cam_checks.shortcut(model, cam, images, inputs, args.seed, clean_inputs, places, planted,
+                                           len(augment.SHORTCUT_PATCH))
         title = f"the shortcut planted in {planted['class_name']}: maps of that class at {layer} on stamped images"
     elif flag == "sanity_check":
         result, draw = cam_checks.sanity_check(model, cam, images, inputs, args.seed)
@@ -437,7 +438,8 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     out = args.out or f"gradcam_{flag.replace('_', '-')}.png"
     numbers = f"{os.path.splitext(out)[0]}.json"
     cli.save_figure(marked(draw(f"{title}, {count} {images_are}"), checkpoint), out)
-    result = {"check": flag, "checkpoint": args.checkpoint, "method": args.method, "layer": layer, "images": count,
+    methods = args.method if flag == "sanity_check" else "gradcam and gradcam++"
+    result = {"check": flag, "checkpoint": args.checkpoint, "method": methods, "layer": layer, "images": count,
               "images_are": images_are, "seed": args.seed, **result}
     cli.write_file(numbers, (json.dumps(result, indent=1) + "\n").encode())
     return cam(model)[0][:, None].numpy(), [cam_checks.report(result), f"wrote {out} and {numbers}"]
@@ -449,10 +451,10 @@ def planted_shortcut(checkpoint):
 
 def marked(figure, checkpoint):
     """A picture of a model trained with a planted shortcut says so (it may travel without its log)."""
-    if planted_shortcut(checkpoint):
-        figure.text(0.5, 0.003, f"a model trained with a shortcut planted in {planted_shortcut(checkpoint)['class_name']} "
-                    f"(train.py --plant-shortcut), not a clean one", ha="center", va="bottom", color="firebrick",
-                    fontsize=9)
+    planted = planted_shortcut(checkpoint)
+    if planted:
+        figure.text(0.5, 0.003, f"a model trained with a shortcut planted in {planted['class_name']} (train.py "
+                    f"--plant-shortcut), not a clean one", ha="center", va="bottom", color="firebrick", fontsize=9)
     return figure
 
 
