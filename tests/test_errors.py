@@ -220,7 +220,8 @@ def test_resume_repairs_files_that_a_kill_between_writes_left_behind(data_dir, t
 
 def test_log_says_what_the_accuracies_were_measured_on(trained_run, tmp_path, capsys):
     log = json.loads((trained_run / "log.json").read_text())
-    assert log["data"] == {"official": False, "test_images": 40, "test_subset": False, "planted_shortcut": None}  # the tiny dataset
+    # the tiny dataset
+    assert log["data"] == {"official": False, "test_images": 40, "test_subset": False, "planted_shortcut": None}
     assert plot_curves.main([str(trained_run / "log.json"), "--out", str(tmp_path / "c.png")]) == 0
     assert "held-out images, not the official test set" in capsys.readouterr().out
 
