@@ -401,12 +401,12 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
 def check_on_test_images(args, model, checkpoint, device, flag):
     """--sanity-check, --faithfulness or --shortcut (cam_checks.HELP) on that many seeded test images (for
     --shortcut: of the other classes, stamped with the patch), each explained for the trained model's
-    prediction (the planted class): a table, a picture and the numbers as JSON beside it."""
-    data, count, layer = read_test_set(args, checkpoint), getattr(args, flag), args.layer[0]
-    planted = planted_shortcut(checkpoint)
+    prediction (--shortcut: the planted class): a table, a picture and the numbers as JSON beside it."""
+    planted, count, layer = planted_shortcut(checkpoint), getattr(args, flag), args.layer[0]
     if flag == "shortcut" and not planted:
         raise UsageError(f"{args.checkpoint} was trained without a planted shortcut: --shortcut checks a model "
                          f"trained with train.py --plant-shortcut CLASS")
+    data = read_test_set(args, checkpoint)
     labels = data.test_labels
     pool = np.flatnonzero(labels != planted["class"]) if flag == "shortcut" else np.arange(len(labels))
     if count > len(pool):
