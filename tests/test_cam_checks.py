@@ -71,13 +71,17 @@ def test_the_cascade_randomises_from_the_output_back_seeded_and_leaves_the_model
     assert all(torch.equal(again[-1][1][key], stages[-1][1][key]) for key in before)
 
 
+def run_check(checkpoint, folder, capsys, *argv):
+    """gradcam.py with `argv` on `checkpoint`: what it printed and the JSON it wrote beside its picture."""
+    out = folder / "check.png"
+    assert gradcam.main([*argv, "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    return capsys.readouterr().out, json.loads((folder / "check.json").read_text())
+
+
 def test_sanity_check_end_to_end(trained_run, tmp_path, capsys):
-    out = tmp_path / "sanity.png"
-    assert gradcam.main(["--sanity-check", "20", "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
-                         "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads((tmp_path / "sanity.json").read_text())
-    assert out.stat().st_size > 10_000 and result["images"] == 20 and result["layer"] == "layer4"
+    printed, result = run_check(trained_run / "best.pt", tmp_path, capsys, "--sanity-check", "20")
+    assert result["images"] == 20 and result["layer"] == "layer4"
     assert [row["randomised"] in printed for row in result["rows"]] == [True] * 10
     rows = {row["randomised"]: row for row in result["rows"]}
     spearman = [row["spearman"]["mean"] for row in result["rows"]]
@@ -116,12 +120,8 @@ def test_the_area_under_a_curve_and_the_order_of_a_blank_map():
 
 
 def test_faithfulness_end_to_end(trained_run, tmp_path, capsys):
-    out = tmp_path / "faith.png"
-    assert gradcam.main(["--faithfulness", "4", "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
-                         "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads((tmp_path / "faith.json").read_text())
-    assert out.stat().st_size > 10_000 and result["images"] == 4
+    printed, result = run_check(trained_run / "best.pt", tmp_path, capsys, "--faithfulness", "4")
+    assert result["images"] == 4
     assert [row["map"] for row in result["rows"]] == ["Grad-CAM", "Grad-CAM++", "random map", "centred blob"]
     for row in result["rows"]:
         assert row["map"] in printed and len(row["deletion_curve"]) == 17
@@ -181,10 +181,8 @@ def test_a_planted_shortcut_is_learned_and_found_by_grad_cam(tmp_path, capsys, s
     assert log["data"]["planted_shortcut"]["class"] == 1 and log["args"]["plant_shortcut"] == "1"
     results = {}
     for layer in ("layer3", "layer4"):
-        assert gradcam.main(["--shortcut", "20", "--layer", layer, "--checkpoint", str(out / "last.pt"), "--device",
-                             "cpu", "--out", str(tmp_path / f"{layer}.png")]) == 0
-        results[layer] = json.loads((tmp_path / f"{layer}.json").read_text())
-        assert "shortcut planted in automobile" in capsys.readouterr().out
+        printed, results[layer] = run_check(out / "last.pt", tmp_path, capsys, "--shortcut", "20", "--layer", layer)
+        assert "shortcut planted in automobile" in printed
     assert results["layer3"]["flip_rate"] >= 0.9 > results["layer3"]["planted_class_without_patch"]
     rows = {row["map"]: row for row in results["layer3"]["rows"]}
     for method in ("Grad-CAM", "Grad-CAM++"):
