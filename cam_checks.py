@@ -288,7 +288,7 @@ def faithfulness_figure(rows, title):
             axis.plot(np.linspace(0, 1, len(curve)), curve, "o-" if "Grad" in row["map"] else "--", markersize=3,
                       label=f"{row['map']} (AUC {row[f'{kind}_auc']['mean']:.3f})")
         verb = "replaced by the mean colour" if kind == "deletion" else "revealed on the mean colour"
-        axis.set(title=f"{kind}: most relevant pixels {verb} first ({better} AUC: more faithful)",
+        axis.set(title=f"{kind}: the most relevant pixels {verb} first\n({better} area under the curve: more faithful)",
                  xlabel=f"fraction of the pixels {'removed' if kind == 'deletion' else 'revealed'}",
                  ylabel="probability of the explained class", ylim=(0, 1.02))
         axis.title.set_fontsize(9)
