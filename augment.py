@@ -338,7 +338,7 @@ def class_index(text, classes, flag="--class"):
     """A class name or index (as typed) -> its index; anything else is one line that lists the names."""
     if text in classes:
         return classes.index(text)
-    if text.isdigit() and int(text) < len(classes):
+    if text.isdecimal() and int(text) < len(classes):
         return int(text)
     raise UsageError(f"{flag}: unknown class {text!r}; use an index 0-{len(classes) - 1} or one of: "
                      f"{', '.join(classes)}")

@@ -28,8 +28,9 @@ rank correlation (do the same pixels rank high?) and SSIM (Wang et al. 2004: do 
 mean over the images with its 95% bootstrap interval. A map that says something about the model falls
 towards the floor row (the trained maps of other images: how alike unrelated maps are) once the layers it
 depends on are random; a map that stays near 1 comes from the input alone, as the control row's edge map
-does by construction. A blank map (zero everywhere: no evidence for the class) counts as 0 for Spearman;
-the last column gives their share.
+does by construction. A trained map that is blank (zero everywhere: no evidence for the class) is left out
+(a first line says how many); a randomised model's blank map counts as 0 for Spearman, and the last column
+gives their share.
 
 --faithfulness N: the deletion and insertion curves of Petsiuk et al. ("RISE", BMVC 2018) for Grad-CAM and
 Grad-CAM++ (--method aside) and two baselines, a random map and a centred Gaussian blob. The pixels of each
@@ -38,16 +39,17 @@ relevant first, in 16 steps (deletion), or revealed in that order on an image of
 (insertion), and the probability of the trained model's predicted class is read at each step. The area
 under that curve, from 0 to all of the pixels: lower is better for deletion, higher for insertion, each
 as the mean with its 95% bootstrap interval. A map is faithful in so far as it beats the baselines, not
-by its own number: a blurry map scores well at deletion too (removing a blob of pixels takes away more
-than scattered ones), which the blob's row shows.
+by its own number: a map that ranks pixels at random, or only by their nearness to the centre, scores
+too (pixels of the mean colour are unlike any image's, so removing almost any takes the probability
+down), and the baselines' rows say how much.
 
 --shortcut N, for a model trained with train.py --plant-shortcut CLASS (a 4x4 patch on 80% of CLASS's
 training images, the one case whose right explanation is known): N seeded test images of the other classes
 are stamped with the patch at a random place. The first line says how many the patch sends to CLASS. The
 table gives, for the maps of CLASS (Grad-CAM, Grad-CAM++ and a random map), the share of each map's mass
 inside the patch (mean with its 95% bootstrap interval), that share over chance (the patch's share of the
-image), and how often the map's peak lies inside the patch. A method that finds what the model uses puts
-its mass and its peak on the patch, far above chance and the random map.
+image), and how often the map's peak lies inside the patch (a blank map has neither). A method that finds
+what the model uses puts its mass and its peak on the patch, far above chance and the random map.
 
 Each writes its numbers as JSON beside the picture (its name with .json)."""
 
@@ -61,7 +63,7 @@ def cascading_randomisation(model, explain, seed=0):
     Returns [(part's name, explain(the model so far randomised))]; `model` is left as it was."""
     on_cpu, on_device, stages = copy.deepcopy(model).cpu(), copy.deepcopy(model), []
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed would reseed every GPU
         for name, part in reversed(list(on_cpu.named_children())):
             for module in part.modules():
                 if hasattr(module, "reset_parameters"):
@@ -144,9 +146,18 @@ def sanity_check(model, cam, images, inputs, seed=0):
     """Adebayo et al.'s cascading randomisation for the maps `cam` draws of uint8 `images` (normalized:
     `inputs`), each for the trained model's prediction. Returns the rows and the figure's drawing."""
     trained, targets = cam(model)
-    stages = cascading_randomisation(model, lambda randomised: cam(randomised, targets=targets)[0], seed)
+    drawn = trained.reshape(len(trained), -1).amax(dim=1) > 0  # a blank map ranks nothing: nothing to compare
+    if drawn.sum() < 2:
+        raise cli.UsageError(f"only {int(drawn.sum())} of the {len(trained)} trained maps show anything (the others "
+                             f"are blank): too few to compare; give more test images or another --layer")
+    stages = cascading_randomisation(model, lambda randomised: cam(randomised, targets=targets)[0][drawn], seed)
+    trained, images = trained[drawn], images[drawn]
     rows = sanity_rows(trained, stages, edge_maps(images), seed)
-    return {"rows": rows}, lambda title: sanity_figure(images, trained, stages, rows, title)
+    result = {"rows": rows, "blank_trained_maps": int((~drawn).sum())}
+    if not drawn.all():
+        result["summary"] = (f"{int((~drawn).sum())} of the {len(drawn)} trained maps are blank (no evidence for the "
+                             f"predicted class) and are left out: the rows compare the other {int(drawn.sum())}")
+    return result, lambda title: sanity_figure(images, trained, stages, rows, title)
 
 
 def sanity_rows(trained, stages, edges, seed=0):
@@ -239,13 +250,18 @@ def perturbation_curves(model, inputs, targets, maps, steps=16, seed=0):
     place = torch.empty_like(order).scatter_(1, order, torch.arange(height * width, device=order.device)
                                              .expand(count, -1))  # each pixel's place in its order
     deletion, insertion = [], []
-    with torch.no_grad():
-        for step in range(steps + 1):
-            taken = (place < round(step * height * width / steps)).reshape(count, 1, height, width)
-            for curve, kept in ((deletion, ~taken), (insertion, taken)):
-                probabilities = model(inputs * kept).float().softmax(dim=1)
-                curve.append(probabilities.gather(1, targets[:, None])[:, 0].cpu())
+    for step in range(steps + 1):
+        taken = (place < round(step * height * width / steps)).reshape(count, 1, height, width)
+        for curve, kept in ((deletion, ~taken), (insertion, taken)):
+            curve.append(probabilities(model, inputs * kept).gather(1, targets[:, None].cpu())[:, 0])
     return torch.stack(deletion, dim=1).numpy(), torch.stack(insertion, dim=1).numpy()
+
+
+def probabilities(model, inputs, batch=256):
+    """The model's class probabilities (on the CPU) for `inputs`, a batch at a time: N may be the test set."""
+    with torch.no_grad():
+        return torch.cat([model(inputs[start:start + batch]).float().softmax(dim=1).cpu()
+                          for start in range(0, len(inputs), batch)])
 
 
 def area_under(curves):
@@ -311,14 +327,13 @@ def patch_masks(places, size, shape):
 
 def shortcut(model, cam, images, inputs, seed, clean_inputs, places, planted, patch_size):
     """The one case with a known right answer: test images of other classes stamped with the planted patch
-    (`inputs`; `clean_inputs` without it). How many the patch sends to the planted class (`planted`, as
-    augment.planted_shortcut describes it), and for
-    each map of that class the share of its mass inside the patch, against chance (the patch's share of the
-    image) and a random map, and how often its peak lies inside."""
+    (`inputs`; `clean_inputs` without it) at `places`. How many the patch sends to the planted class
+    (`planted`, as augment.planted_shortcut describes it), and for each map of that class the share of its
+    mass inside the patch, against chance (the patch's share of the image) and a random map, and how often
+    its peak lies inside (a blank map's: never)."""
     target = planted["class"]
-    with torch.no_grad():
-        before = float((model(clean_inputs).argmax(dim=1) == target).double().mean())
-        after = float((model(inputs).argmax(dim=1) == target).double().mean())
+    before = (probabilities(model, clean_inputs).argmax(dim=1) == target).float().mean().item()
+    after = (probabilities(model, inputs).argmax(dim=1) == target).float().mean().item()
     targets = torch.full((len(inputs),), target, device=inputs.device)
     inside = patch_masks(places, patch_size, tuple(inputs.shape[-2:])).double()
     chance = patch_size ** 2 / inside[0].numel()
@@ -329,7 +344,9 @@ def shortcut(model, cam, images, inputs, seed, clean_inputs, places, planted, pa
     for name, chosen in maps.items():
         chosen = chosen.double()
         mass = (chosen * inside).sum(dim=(1, 2)) / chosen.sum(dim=(1, 2)).clamp_min(1e-12)  # a blank map: 0
-        peaks = inside.reshape(len(inside), -1).gather(1, chosen.reshape(len(chosen), -1).argmax(dim=1, keepdim=True))
+        flat = chosen.reshape(len(chosen), -1)
+        peaks = inside.reshape(len(inside), -1).gather(1, flat.argmax(dim=1, keepdim=True))[:, 0]
+        peaks = peaks * (flat.amax(dim=1) > 0)  # a blank map's argmax is its first pixel: no peak
         interval = mean_with_interval(mass.numpy(), seed)
         rows.append({"map": name, "mass_in_patch": interval, "times_chance": interval["mean"] / chance,
                      "peak_in_patch": float(peaks.mean())})

@@ -214,32 +214,42 @@ def build_parser():
                              "of other classes stamped with its patch (N: 100 if not given); see below")
     parser.add_argument("--data-dir", help="where the dataset is (default: the checkpoint's run's, else ./data)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the test images chosen and of the sanity check's random weights "
-                             "(default: %(default)s)")
+                        help="seed of the test images chosen and of every random draw of the checks: weights, "
+                             "patch places, the random map, ties, the bootstrap (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                         help="auto: cuda, then mps, then cpu (default: %(default)s)")
     return parser
 
 
 CHECKS = ("sanity_check", "faithfulness", "shortcut")
-TEST_SET_MODES = ("misclassified", "correct", *CHECKS)  # instead of --image, each with a count
+# Instead of --image, each with a count of test images, at least this many (an interval needs a few).
+TEST_SET_MODES = {"misclassified": 1, "correct": 1, **{check: 10 for check in CHECKS}}
+
+
+def option(name):
+    return f"--{name.replace('_', '-')}"
 
 
 def check_args(args):
-    for name, least in zip(TEST_SET_MODES, (1, 1, 2, 2, 2)):
+    for name, least in TEST_SET_MODES.items():
         count = getattr(args, name)
         if count is not None and count < least:
-            raise UsageError(f"--{name.replace('_', '-')} takes a count of at least {least} (got {count})")
-    modes = [f"--{name.replace('_', '-')}" for name in TEST_SET_MODES if getattr(args, name) is not None]
+            raise UsageError(f"{option(name)} takes a count of at least {least} (got {count})")
+    if args.seed < 0:
+        raise UsageError(f"--seed must not be negative (got {args.seed})")
+    modes = [option(name) for name in TEST_SET_MODES if getattr(args, name) is not None]
     if len(modes) + bool(args.image) != 1:
         raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N, "
                          "--faithfulness N or --shortcut N"
                          + (" (not several)" if len(modes) + bool(args.image) > 1 else ""))
     grid = modes[0] if modes else None
     if grid and args.target is not None:
-        raise UsageError(f"{grid} explains each image's predicted class: --class works with --image only")
+        raise UsageError(f"{grid} chooses the class it explains: --class works with --image only")
     if grid and len(args.layer) > 1:
         raise UsageError(f"{grid} draws one layer's maps: give one --layer (several work with --image)")
+    if grid in [option(name) for name in CHECKS] and args.save_npy is not None:
+        raise UsageError(f"{grid} writes its numbers as JSON beside its picture: --save-npy works with --image, "
+                         f"--misclassified and --correct")
     if args.out is not None:
         cli.picture_format(args.out)
         cli.check_output("--out", args.out)
@@ -402,7 +412,7 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     """--sanity-check, --faithfulness or --shortcut (cam_checks.HELP) on that many seeded test images (for
     --shortcut: of the other classes, stamped with the patch), each explained for the trained model's
     prediction (--shortcut: the planted class): a table, a picture and the numbers as JSON beside it."""
-    planted, count, layer = planted_shortcut(checkpoint), getattr(args, flag), args.layer[0]
+    planted, count, layer = shortcut_of(checkpoint), getattr(args, flag), args.layer[0]
     if flag == "shortcut" and not planted:
         raise UsageError(f"{args.checkpoint} was trained without a planted shortcut: --shortcut checks a model "
                          f"trained with train.py --plant-shortcut CLASS")
@@ -410,7 +420,7 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     labels = data.test_labels
     pool = np.flatnonzero(labels != planted["class"]) if flag == "shortcut" else np.arange(len(labels))
     if count > len(pool):
-        raise UsageError(f"--{flag.replace('_', '-')} {count} asks for more test images than the {len(pool)} there "
+        raise UsageError(f"{option(flag)} {count} asks for more test images than the {len(pool)} there "
                          f"are{' of the other classes' if flag == 'shortcut' else ''}; give at most {len(pool)}")
     images = data.test_images[np.sort(np.random.default_rng(args.seed).permutation(pool)[:count])]
     clean_inputs = model_input(images, checkpoint, device)
@@ -418,9 +428,10 @@ def check_on_test_images(args, model, checkpoint, device, flag):
         images, places = augment.stamp_shortcut(images, args.seed)
     inputs = model_input(images, checkpoint, device)
 
-    def cam(explained, method=args.method, targets=None):
-        maps, _, targets = GradCAM(explained, [layer], method)(inputs, targets)
-        return maps[:, 0].cpu(), targets
+    def cam(explained, method=args.method, targets=None):  # a batch at a time: N may be the whole test set
+        parts = [GradCAM(explained, [layer], method)(inputs[start:start + 256], None if targets is None else
+                                                     targets[start:start + 256]) for start in range(0, count, 256)]
+        return torch.cat([maps[:, 0].cpu() for maps, _, _ in parts]), torch.cat([chosen for _, _, chosen in parts])
 
     method, name = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM", os.path.basename(args.checkpoint)
     images = augment.to_tensor(images)
@@ -440,20 +451,23 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     cli.save_figure(marked(draw(f"{title}, {count} {images_are}"), checkpoint), out)
     methods = args.method if flag == "sanity_check" else "gradcam and gradcam++"
     result = {"check": flag, "checkpoint": args.checkpoint, "method": methods, "layer": layer, "images": count,
-              "images_are": images_are, "seed": args.seed, **result}
+              "images_are": images_are, "seed": args.seed, "planted_shortcut": planted, **result}
     cli.write_file(numbers, (json.dumps(result, indent=1) + "\n").encode())
-    return cam(model)[0][:, None].numpy(), [cam_checks.report(result), f"wrote {out} and {numbers}"]
+    return None, [cam_checks.report(result), f"wrote {out} and {numbers}"]
 
 
-def planted_shortcut(checkpoint):
+def shortcut_of(checkpoint):
+    """What train.py --plant-shortcut planted in the checkpoint's training images (None: nothing)."""
     return (checkpoint.get("data") or {}).get("planted_shortcut")
 
 
 def marked(figure, checkpoint):
-    """A picture of a model trained with a planted shortcut says so (it may travel without its log)."""
-    planted = planted_shortcut(checkpoint)
+    """A picture of a model trained with a planted shortcut says so (it may travel without its log), in a
+    strip added below what was drawn."""
+    planted = shortcut_of(checkpoint)
     if planted:
-        figure.text(0.5, 0.003, f"a model trained with a shortcut planted in {planted['class_name']} (train.py "
+        figure.subplots_adjust(bottom=figure.subplotpars.bottom + 0.3 / figure.get_figheight())
+        figure.text(0.5, 0.004, f"a model trained with a shortcut planted in {planted['class_name']} (train.py "
                     f"--plant-shortcut), not a clean one", ha="center", va="bottom", color="firebrick", fontsize=9)
     return figure
 
@@ -478,9 +492,9 @@ def explain(args):
         np.save(buffer, np.ascontiguousarray(maps, dtype=np.float32))
         cli.write_file(args.save_npy, buffer.getvalue())
         lines.append(f"wrote {args.save_npy}: maps {tuple(maps.shape)} float32")
-    if planted_shortcut(checkpoint):
+    if shortcut_of(checkpoint):
         lines.append(f"note: {args.checkpoint} was trained with a shortcut planted in "
-                     f"{planted_shortcut(checkpoint)['class_name']} (train.py --plant-shortcut): not a clean model")
+                     f"{shortcut_of(checkpoint)['class_name']} (train.py --plant-shortcut): not a clean model")
     if checkpoint.get("data", {}).get("official") is False:
         dataset = augment.DATASETS.get(checkpoint.get("dataset"), augment.CIFAR10).title
         lines.append(f"note: {args.checkpoint} was trained on files that are not the official {dataset} "

@@ -76,7 +76,7 @@ def run_check(checkpoint, folder, capsys, *argv):
     out = folder / "check.png"
     assert gradcam.main([*argv, "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
-    return capsys.readouterr().out, json.loads((folder / "check.json").read_text())
+    return capsys.readouterr().out, json.loads((folder / "check.json").read_text(), parse_constant=pytest.fail)
 
 
 def test_sanity_check_end_to_end(trained_run, tmp_path, capsys):
@@ -120,8 +120,8 @@ def test_the_area_under_a_curve_and_the_order_of_a_blank_map():
 
 
 def test_faithfulness_end_to_end(trained_run, tmp_path, capsys):
-    printed, result = run_check(trained_run / "best.pt", tmp_path, capsys, "--faithfulness", "4")
-    assert result["images"] == 4
+    printed, result = run_check(trained_run / "best.pt", tmp_path, capsys, "--faithfulness", "10")
+    assert result["images"] == 10
     assert [row["map"] for row in result["rows"]] == ["Grad-CAM", "Grad-CAM++", "random map", "centred blob"]
     for row in result["rows"]:
         assert row["map"] in printed and len(row["deletion_curve"]) == 17
@@ -133,23 +133,53 @@ def test_faithfulness_end_to_end(trained_run, tmp_path, capsys):
             assert auc["low"] <= auc["mean"] <= auc["high"]
 
 
+def test_blank_trained_maps_are_left_out_and_said():
+    model = resnet18().eval()
+    maps = torch.rand(12, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps[[2, 5]] = 0  # no evidence for their class
+
+    def cam(explained, method="gradcam", targets=None):  # the same maps for every model: resemblance 1
+        return maps, torch.zeros(12, dtype=torch.long)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result, _ = cam_checks.sanity_check(model, cam, images, None)
+    assert result["blank_trained_maps"] == 2 and "2 of the 12 trained maps are blank" in result["summary"]
+    assert all(row["spearman"]["mean"] == pytest.approx(1) for row in result["rows"][:-1])
+
+
+def test_a_blank_map_has_neither_mass_nor_peak_in_a_patch_at_its_first_pixel():
+    model, inputs = resnet18().eval(), torch.zeros(10, 3, 32, 32)
+
+    def cam(explained, method="gradcam", targets=None):
+        return torch.zeros(10, 32, 32), targets
+    result, _ = cam_checks.shortcut(model, cam, torch.zeros(10, 3, 32, 32, dtype=torch.uint8), inputs, 0, inputs,
+                                    np.zeros((10, 2), dtype=int), {"class": 1, "class_name": "automobile"}, 4)
+    blank = result["rows"][0]
+    assert blank["peak_in_patch"] == 0 and blank["mass_in_patch"]["mean"] == 0
+    assert result["chance"] == 16 / 1024 and result["flip_rate"] in (0, 1)
+
+
 @pytest.mark.parametrize("argv, expected", [
-    (["--sanity-check", "1"], "at least 2"),
+    (["--sanity-check", "9"], "at least 10"),
     (["--sanity-check", "1000"], "at most 40"),
-    (["--sanity-check", "5", "--image", "x.png"], "not several"),
-    (["--sanity-check", "5", "--class", "cat"], "--class works with --image only"),
-    (["--sanity-check", "5", "--layer", "layer3", "layer4"], "give one --layer"),
-    (["--sanity-check", "5", "--layer", "linear"], "does not output a (B, C, H, W) feature map"),
-    (["--faithfulness", "0"], "at least 2"),
+    (["--sanity-check", "10", "--image", "x.png"], "not several"),
+    (["--sanity-check", "10", "--class", "cat"], "--class works with --image only"),
+    (["--sanity-check", "10", "--layer", "layer3", "layer4"], "give one --layer"),
+    (["--sanity-check", "10", "--layer", "linear"], "does not output a (B, C, H, W) feature map"),
+    (["--sanity-check", "10", "--seed", "-1"], "--seed must not be negative"),
+    (["--faithfulness", "0"], "at least 10"),
     (["--faithfulness", "41"], "at most 40"),
-    (["--faithfulness", "5", "--sanity-check", "5"], "not several"),
+    (["--faithfulness", "10", "--sanity-check", "10"], "not several"),
+    (["--faithfulness", "10", "--save-npy", "maps.npy"], "--save-npy works with --image"),
+    (["--shortcut", "10"], "was trained without a planted shortcut"),
+    (["--shortcut", "1"], "at least 10"),
 ])
-def test_sanity_check_bad_input_is_one_line(trained_run, tmp_path, capsys, argv, expected):
+def test_bad_input_to_the_checks_is_one_line(trained_run, tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)  # where --save-npy would go
     code, err = run_main(gradcam, [*argv, "--checkpoint", str(trained_run / "best.pt"), "--device", "cpu",
-                                   "--out", str(tmp_path / "sanity.png")], capsys)
+                                   "--out", str(tmp_path / "check.png")], capsys)
     lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], err
-    assert not (tmp_path / "sanity.png").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_shortcut_is_planted_on_most_of_one_class_s_training_images_only(data_dir):
@@ -192,9 +222,3 @@ def test_a_planted_shortcut_is_learned_and_found_by_grad_cam(tmp_path, capsys, s
     assert results["layer4"]["rows"][0]["times_chance"] > 1.5  # coarser (4x4 cells of 8 pixels), still above chance
     assert plot_curves.main([str(out / "log.json"), "--out", str(tmp_path / "curves.png")]) == 0
     assert "run [shortcut planted in automobile]" in capsys.readouterr().out
-
-
-def test_shortcut_bad_input_is_one_line(trained_run, tmp_path, capsys):
-    code, err = run_main(gradcam, ["--shortcut", "5", "--checkpoint", str(trained_run / "best.pt"), "--device",
-                                   "cpu"], capsys)
-    assert code == 2 and "was trained without a planted shortcut" in err
