@@ -189,8 +189,10 @@ def build_parser():
     parser.add_argument("--image", nargs="+", default=[], metavar="FILE",
                         help="image(s) to explain: any format and size Pillow reads")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
-    parser.add_argument("--layer", nargs="+", default=["layer4"], metavar="NAME",
-                        help="module path(s), one row each: layer3, layer4, layer4.1.conv2, ... (default: layer4)")
+    parser.add_argument("--layer", nargs="+", default=["layer3"], metavar="NAME",
+                        help="module path(s), one row each: layer3, layer4, layer4.1.conv2, ... (default: layer3, "
+                             "where the checks below found Grad-CAM both true to the model and on the spot; "
+                             "layer4's 4x4 cells miss it: docs/gradcam.md)")
     parser.add_argument("--class", dest="target", metavar="NAME|INDEX",
                         help="with --image: explain this class instead of the predicted one")
     parser.add_argument("--method", choices=METHODS, default="gradcam",

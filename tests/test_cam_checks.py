@@ -81,7 +81,7 @@ def run_check(checkpoint, folder, capsys, *argv):
 
 def test_sanity_check_end_to_end(trained_run, tmp_path, capsys):
     printed, result = run_check(trained_run / "best.pt", tmp_path, capsys, "--sanity-check", "20")
-    assert result["images"] == 20 and result["layer"] == "layer4"
+    assert result["images"] == 20 and result["layer"] == "layer3"  # the default
     assert [row["randomised"] in printed for row in result["rows"]] == [True] * 10
     rows = {row["randomised"]: row for row in result["rows"]}
     spearman = [row["spearman"]["mean"] for row in result["rows"]]
