@@ -172,6 +172,7 @@ def test_a_blank_map_has_neither_mass_nor_peak_in_a_patch_at_its_first_pixel():
     (["--faithfulness", "10", "--save-npy", "maps.npy"], "--save-npy works with --image"),
     (["--shortcut", "10"], "was trained without a planted shortcut"),
     (["--shortcut", "1"], "at least 10"),
+    (["--faithfulness", "10", "--data-dir", "no-such-folder"], "cannot read the test set"),
 ])
 def test_bad_input_to_the_checks_is_one_line(trained_run, tmp_path, capsys, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)  # where --save-npy would go
