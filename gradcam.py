@@ -191,12 +191,13 @@ def build_parser():
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint written by train.py (default: %(default)s)")
     parser.add_argument("--layer", nargs="+", default=["layer3"], metavar="NAME",
                         help="module path(s), one row each: layer3, layer4, layer4.1.conv2, ... (default: layer3, "
-                             "where the checks below found Grad-CAM both true to the model and on the spot; "
-                             "layer4's 4x4 cells miss it: docs/gradcam.md)")
+                             "where the checks below found Grad-CAM both true to the model and on the spot, where "
+                             "layer4's 4x4 cells often put the peak a cell off: docs/gradcam.md)")
     parser.add_argument("--class", dest="target", metavar="NAME|INDEX",
                         help="with --image: explain this class instead of the predicted one")
     parser.add_argument("--method", choices=METHODS, default="gradcam",
-                        help="Grad-CAM or Grad-CAM++ (default: %(default)s)")
+                        help="Grad-CAM or Grad-CAM++ (default: %(default)s; Grad-CAM++ hardly changed when the "
+                             "classifier was randomised: the sanity check below, docs/gradcam.md)")
     parser.add_argument("--out", help="picture to write, in the format its extension names (.png, .pdf, ...) "
                                       "(default: IMAGE_gradcam.png beside the first image, or gradcam_KIND.png)")
     parser.add_argument("--save-npy", metavar="FILE",
