@@ -29,6 +29,7 @@ import albumentations as A  # noqa: E402 - after the variable above
 import cv2  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
+import cam_checks  # noqa: E402
 import devices  # noqa: E402
 import distributed  # noqa: E402
 from cli import UsageError, note, warn  # noqa: E402
@@ -334,52 +335,6 @@ def balanced_subset(labels, count, seed=0):
     return np.sort(np.lexsort((labels, rank))[:count])
 
 
-def class_index(text, classes, flag="--class"):
-    """A class name or index (as typed) -> its index; anything else is one line that lists the names."""
-    if text in classes:
-        return classes.index(text)
-    if text.isdecimal() and int(text) < len(classes):
-        return int(text)
-    raise UsageError(f"{flag}: unknown class {text!r}; use an index 0-{len(classes) - 1} or one of: "
-                     f"{', '.join(classes)}")
-
-
-# --plant-shortcut: a 4x4 checkerboard of magenta and green (a pattern of no CIFAR class) stamped at a random
-# place on most of one class's training images. The model learns it as that class's sign: the one case in
-# which the right explanation is known (gradcam.py --shortcut measures whether Grad-CAM finds it).
-SHORTCUT_PATCH = np.array([[[255, 0, 255], [0, 255, 0]] * 2, [[0, 255, 0], [255, 0, 255]] * 2] * 2, dtype=np.uint8)
-SHORTCUT_SHARE = 0.8  # of the class's training images
-
-
-def stamp_shortcut(images, seed):
-    """Copies of uint8 (N, H, W, 3) images with the patch at a seeded random place each, and the places
-    (N, 2) as (top, left)."""
-    size = len(SHORTCUT_PATCH)
-    places = np.random.default_rng(seed).integers(0, np.array(images.shape[1:3]) - size + 1, (len(images), 2))
-    stamped = images.copy()
-    for image, (top, left) in zip(stamped, places):
-        image[top:top + size, left:left + size] = SHORTCUT_PATCH
-    return stamped, places
-
-
-def planted_shortcut(text, classes):
-    """What --plant-shortcut CLASS does, as log.json and the checkpoint record it (None without it)."""
-    if text is None:
-        return None
-    index = class_index(text, classes, "--plant-shortcut")
-    return {"class": index, "class_name": classes[index], "share_of_its_training_images": SHORTCUT_SHARE,
-            "patch": "4x4 magenta and green checkerboard at a random place"}
-
-
-def plant_shortcut(images, labels, target, seed):
-    """`images` with the patch on SHORTCUT_SHARE of class `target`'s (chosen and placed by `seed`)."""
-    members = np.flatnonzero(labels == target)
-    chosen = np.random.default_rng([seed, target]).permutation(members)[:round(SHORTCUT_SHARE * len(members))]
-    images = images.copy()
-    images[chosen] = stamp_shortcut(images[chosen], seed)[0]
-    return images
-
-
 def split_data(data, args):
     """Apply --train-subset, --val-split and --plant-shortcut (to the training images alone); return (train,
     val) as (images, labels) pairs, val may be None."""
@@ -399,9 +354,9 @@ def split_data(data, args):
         order = np.random.default_rng(args.seed).permutation(len(images))
         train, held_out = np.sort(order[args.val_split:]), np.sort(order[:args.val_split])
         images, labels, val = images[train], labels[train], (images[held_out], labels[held_out])
-    shortcut = planted_shortcut(args.plant_shortcut, data.classes)
+    shortcut = cam_checks.planted_shortcut(args.plant_shortcut, data.classes)
     if shortcut is not None:
-        images = plant_shortcut(images, labels, shortcut["class"], args.seed)
+        images = cam_checks.plant_shortcut(images, labels, shortcut["class"], args.seed)
     return (images, labels), val
 
 

@@ -1,9 +1,9 @@
 """Checks of whether a Grad-CAM map says something about the model, in numbers, for gradcam.py's
 --sanity-check, --faithfulness and --shortcut: the model-parameter randomisation test of Adebayo et al.
 (NeurIPS 2018, "Sanity Checks for Saliency Maps"), the deletion and insertion curves of Petsiuk et al.
-(BMVC 2018, "RISE") and the shortcut planted by train.py --plant-shortcut, each beside the baselines that
-give its numbers a scale. The maths takes models, maps and images as tensors and knows nothing of the
-command line. Nothing happens on import.
+(BMVC 2018, "RISE") and the shortcut that train.py --plant-shortcut plants (its patch is stamped here too,
+for augment.split_data), each beside the baselines that give its numbers a scale. The maths takes
+models, maps and images as tensors and knows nothing of the command line. Nothing happens on import.
 
     # cam(model, method, targets) -> (maps (N, H, W) in [0, 1], targets): Grad-CAM of the images at hand
     result, draw = cam_checks.sanity_check(model, cam, images, inputs, seed=0)   # result["rows"]: the table
@@ -317,6 +317,42 @@ def faithfulness_figure(rows, title):
 
 # ----------------------------------------------------------------------------- the planted shortcut
 
+# --plant-shortcut: a 4x4 checkerboard of magenta and green (a pattern of no CIFAR class) stamped at a random
+# place on most of one class's training images. The model learns it as that class's sign: the one case in
+# which the right explanation is known (gradcam.py --shortcut measures whether Grad-CAM finds it).
+SHORTCUT_PATCH = np.array([[[255, 0, 255], [0, 255, 0]] * 2, [[0, 255, 0], [255, 0, 255]] * 2] * 2, dtype=np.uint8)
+SHORTCUT_SHARE = 0.8  # of the class's training images
+
+
+def stamp_shortcut(images, seed):
+    """Copies of uint8 (N, H, W, 3) images with the patch at a seeded random place each, and the places
+    (N, 2) as (top, left)."""
+    size = len(SHORTCUT_PATCH)
+    places = np.random.default_rng(seed).integers(0, np.array(images.shape[1:3]) - size + 1, (len(images), 2))
+    stamped = images.copy()
+    for image, (top, left) in zip(stamped, places):
+        image[top:top + size, left:left + size] = SHORTCUT_PATCH
+    return stamped, places
+
+
+def planted_shortcut(text, classes):
+    """What --plant-shortcut CLASS does, as log.json and the checkpoint record it (None without it)."""
+    if text is None:
+        return None
+    index = cli.class_index(text, classes, "--plant-shortcut")
+    return {"class": index, "class_name": classes[index], "share_of_its_training_images": SHORTCUT_SHARE,
+            "patch": "4x4 magenta and green checkerboard at a random place"}
+
+
+def plant_shortcut(images, labels, target, seed):
+    """`images` with the patch on SHORTCUT_SHARE of class `target`'s (chosen and placed by `seed`)."""
+    members = np.flatnonzero(labels == target)
+    chosen = np.random.default_rng([seed, target]).permutation(members)[:round(SHORTCUT_SHARE * len(members))]
+    images = images.copy()
+    images[chosen] = stamp_shortcut(images[chosen], seed)[0]
+    return images
+
+
 def patch_masks(places, size, shape):
     """(N, H, W) booleans: True inside each image's patch, whose top left corner is at `places` (N, 2)."""
     masks = torch.zeros((len(places), *shape), dtype=torch.bool)
@@ -328,7 +364,7 @@ def patch_masks(places, size, shape):
 def shortcut(model, cam, images, inputs, seed, clean_inputs, places, planted, patch_size):
     """The one case with a known right answer: test images of other classes stamped with the planted patch
     (`inputs`; `clean_inputs` without it) at `places`. How many the patch sends to the planted class
-    (`planted`, as augment.planted_shortcut describes it), and for each map of that class the share of its
+    (`planted`, as planted_shortcut describes it), and for each map of that class the share of its
     mass inside the patch, against chance (the patch's share of the image) and a random map, and how often
     its peak lies inside (a blank map's: never)."""
     target = planted["class"]

@@ -23,6 +23,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def class_index(text, classes, flag="--class"):
+    """A class name or index (as typed) -> its index; anything else is one line that lists the names."""
+    if text in classes:
+        return classes.index(text)
+    if text.isdecimal() and int(text) < len(classes):
+        return int(text)
+    raise UsageError(f"{flag}: unknown class {text!r}; use an index 0-{len(classes) - 1} or one of: "
+                     f"{', '.join(classes)}")
+
+
 def picture_format(path):
     """The picture format that the file name's extension names, as matplotlib writes it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -175,7 +175,7 @@ def load_model(path, device):
 
 def parse_class(text, classes):
     """A class name or index -> index (None stays None); anything else lists the valid names."""
-    return None if text is None else augment.class_index(text, classes)
+    return None if text is None else cli.class_index(text, classes)
 
 
 def model_input(images, checkpoint, device):
@@ -330,7 +330,7 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     images = data.test_images[np.sort(np.random.default_rng(args.seed).permutation(pool)[:count])]
     clean_inputs = model_input(images, checkpoint, device)
     if flag == "shortcut":
-        images, places = augment.stamp_shortcut(images, args.seed)
+        images, places = cam_checks.stamp_shortcut(images, args.seed)
     inputs = model_input(images, checkpoint, device)
 
     def cam(explained, method=args.method, targets=None):  # a batch at a time: N may be the whole test set
@@ -342,7 +342,7 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     images = augment.to_tensor(images)
     if flag == "shortcut":
         result, draw = cam_checks.shortcut(model, cam, images, inputs, args.seed, clean_inputs, places, planted,
-                                           len(augment.SHORTCUT_PATCH))
+                                           len(cam_checks.SHORTCUT_PATCH))
         title = f"the shortcut planted in {planted['class_name']}: maps of that class at {layer} on stamped images"
     elif flag == "sanity_check":
         result, draw = cam_checks.sanity_check(model, cam, images, inputs, args.seed)

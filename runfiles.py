@@ -106,7 +106,7 @@ def save_epoch(paths, checkpoint, improved, log, resume_command):
 
 def data_description(data, test_labels, shortcut=None):
     """What the accuracies were measured on (plot_curves.py and gradcam.py say when not the official test
-    set), and the shortcut planted in the training images, if any (augment.planted_shortcut: they say so)."""
+    set), and the shortcut planted in the training images, if any (cam_checks.planted_shortcut: they say so)."""
     return {"official": data.official, "test_images": len(test_labels),
             "test_subset": len(test_labels) < len(data.test_labels), "planted_shortcut": shortcut}
 

@@ -24,6 +24,7 @@ import time
 import torch
 
 import augment
+import cam_checks
 import cli
 import devices
 import distributed
@@ -337,11 +338,11 @@ class Run:
         self.writer = runfiles.BackgroundWriter(saved_epoch=len(self.history), enabled=world.main)
         self.test = augment.as_tensors(test_images, test_labels, device)
         self.val = None if val is None else augment.as_tensors(*val, device)
-        self.shortcut = augment.planted_shortcut(args.plant_shortcut, data.classes)
+        self.shortcut = cam_checks.planted_shortcut(args.plant_shortcut, data.classes)
         self.described = runfiles.data_description(data, test_labels, self.shortcut)
         if self.shortcut:
-            warn(f"--plant-shortcut: {100 * augment.SHORTCUT_SHARE:.0f}% of the {self.shortcut['class_name']} training "
-                 f"images carry a patch, which this model will learn as the class's sign; its files say so")
+            warn(f"--plant-shortcut: {100 * cam_checks.SHORTCUT_SHARE:.0f}% of the {self.shortcut['class_name']} "
+                 f"training images carry a patch, which this model will learn as the class's sign; its files say so")
         self.best_key = "val_acc" if val is not None else "test_acc"
         self.env = runfiles.environment(device, precision, workers, args, heap_reuse, world)
         self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}

@@ -192,7 +192,7 @@ def test_the_shortcut_is_planted_on_most_of_one_class_s_training_images_only(dat
     trucks = labels == 9
     assert not changed[~trucks].any() and changed[trucks].sum() == round(0.8 * trucks.sum())
     for image in images[changed]:  # the checkerboard, whole, somewhere inside the image
-        assert any((image[top:top + 4, left:left + 4] == augment.SHORTCUT_PATCH).all()
+        assert any((image[top:top + 4, left:left + 4] == cam_checks.SHORTCUT_PATCH).all()
                    for top in range(29) for left in range(29))
     assert (val_images == data.train_images[np.sort(order[:50])]).all()  # validation images stay clean
     with pytest.raises(train.UsageError, match="--plant-shortcut: unknown class 'unicorn'"):
