@@ -199,7 +199,7 @@ def load_dataset(name, data_dir, download=True, test_only=False):
     mismatched = [n for n, md5 in needed if _md5(os.path.join(folder, n)) != md5]
     if mismatched:
         warn(f"{folder}/ is not the official {spec.title} ({', '.join(mismatched)} differ from the official "
-              f"checksums); loading it anyway, so its accuracies are not official test accuracies")
+             f"checksums); loading it anyway, so its accuracies are not official test accuracies")
     train_images, train_labels = (_read_batches(folder, train_files, spec) if train_files else
                                   (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)))
     test_images, test_labels = _read_batches(folder, spec.test_files, spec)
@@ -210,7 +210,7 @@ def load_dataset(name, data_dir, download=True, test_only=False):
         raise DatasetError(f"{folder}/ has labels outside its {len(classes)} class names")
     if name == "cifar10" and classes != CIFAR10_CLASSES:
         warn(f"{folder}/ holds other classes than CIFAR-10's ({', '.join(map(str, classes[:4]))}, ...): "
-              f"another dataset in CIFAR-10's format; its results are not CIFAR-10's")
+             f"another dataset in CIFAR-10's format; its results are not CIFAR-10's")
     return ImageData(train_images, train_labels, test_images, test_labels, classes,
                      spec.mean, spec.std, official=not mismatched)
 

@@ -59,10 +59,11 @@ def new_figure(figsize):
     return Figure(figsize=figsize)
 
 
-def write_file(path, data):
-    """Atomically (files.atomic_write): a reader sees the old file or the whole new one, never a part."""
+def write_file(path, data, write=files.atomic_write):
+    """Atomically (files.atomic_write, or files.write_json for a value): a reader sees the old file or the
+    whole new one, never a part."""
     try:
-        files.atomic_write(path, data)
+        write(path, data)
     except OSError as error:
         raise UsageError(f"cannot write {path} ({error.strerror})") from None
 
@@ -80,7 +81,6 @@ def say(*lines):
         print(*lines, sep="\n", flush=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
 
 
 def note(message):

@@ -13,7 +13,6 @@
 """
 import argparse
 import io
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ import augment
 import cam_checks
 import cli
 import devices
+import files
 from cam import METHODS, GradCAM, find_modules
 from cli import UsageError
 from resnet import MODEL_FORMATS, CheckpointError, model_from_checkpoint, read_checkpoint
@@ -357,7 +357,7 @@ def check_on_test_images(args, model, checkpoint, device, flag):
     methods = args.method if flag == "sanity_check" else "gradcam and gradcam++"
     result = {"check": flag, "checkpoint": args.checkpoint, "method": methods, "layer": layer, "images": count,
               "images_are": images_are, "seed": args.seed, "planted_shortcut": planted, **result}
-    cli.write_file(numbers, (json.dumps(result, indent=1) + "\n").encode())
+    cli.write_file(numbers, result, files.write_json)
     return None, [cam_checks.report(result), f"wrote {out} and {numbers}"]
 
 

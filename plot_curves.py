@@ -219,7 +219,7 @@ def plot(args):
         bad = nan_epochs(log)
         if bad:
             warn(f"{path} has NaN losses or accuracies at epoch(s) {', '.join(map(str, bad))}: the "
-                  f"run diverged there; those points are missing from the curves")
+                 f"run diverged there; those points are missing from the curves")
     summaries = [summary(log) for log in logs]
     curves_path, confusion_path = output_paths(args)
     cli.save_figure(curves_figure(logs, labels, summaries), curves_path)

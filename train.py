@@ -323,7 +323,7 @@ class Run:
         workers = augment.default_workers(world.local_size) if args.workers is None else args.workers
         if device.type == "cpu" and args.epochs * len(train_images) > 100_000:
             warn(f"training on the CPU: {args.epochs} epochs of {len(train_images)} images will "
-                  f"take hours; use a GPU, or --train-subset and --epochs for a quick run")
+                 f"take hours; use a GPU, or --train-subset and --epochs for a quick run")
         self.args, self.data, self.world, self.resumed = args, data, world, checkpoint
         # Shared: /dev/shm may be too small on one machine only, and the others must not wait for it.
         self.loader, self.sampler = world.together(lambda: augment.make_train_loader(
@@ -356,8 +356,8 @@ class Run:
                      f"{world.per_rank(args.batch_size)} images a step each)" if world.launched else "")
         if len(self.history) < args.epochs:  # else say_done() says there is nothing to do
             cli.say(f"{'resuming at' if self.history else 'training from'} epoch {len(self.history) + 1}/{args.epochs}"
-                  f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
-                  f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
+                    f" on {self.env['device_name']} ({precision}, {workers} workers){processes}, {len(train_images)} "
+                    f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
     def evaluate(self, record, bar):
         """The validation (with --val-split) and test loss and accuracy into `record`; returns the test
@@ -444,9 +444,9 @@ class Run:
         summary = runfiles.summarize(self.history, self.best_key)
         planted = f" (with the shortcut planted in {self.shortcut['class_name']})" if self.shortcut else ""
         cli.say(f"done{planted}: final test accuracy {100 * summary['final_test_acc']:.2f}% (flip TTA "
-              f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
-              f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
-              f"{', '.join(path for path in self.paths.values() if os.path.exists(path))}")
+                f"{100 * summary['final_test_acc_tta']:.2f}%), best {100 * summary['best_test_acc']:.2f}% at "
+                f"epoch {summary['best_test_acc_epoch']}, {summary['total_seconds']:.0f}s; wrote "
+                f"{', '.join(path for path in self.paths.values() if os.path.exists(path))}")
 
 
 if __name__ == "__main__":
