@@ -1,7 +1,7 @@
 """Grad-CAM (and Grad-CAM++) of a trained checkpoint on any image, as a picture. Everything it needs
 (model arguments, class names, mean, std) comes from the checkpoint.
 
-    python gradcam.py --image dog.png --layer layer4                    # predicted class, writes dog_gradcam.png
+    python gradcam.py --image examples/dog.png --layer layer4           # predicted class -> examples/dog_gradcam.png
     python gradcam.py --image a.jpg b.png --layer layer3 layer4 --class cat --method gradcam++
     python gradcam.py --misclassified 25 --layer layer4                 # a grid over the CIFAR test set
     python gradcam.py --sanity-check 100 --layer layer4                 # does the map depend on the model?

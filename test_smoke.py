@@ -7,13 +7,14 @@ CIFAR-10's on-disk format (CPU only, no download). The other tests are in tests/
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import torch
 from PIL import Image
 
-from helpers import coloured_images, write_cifar_folder
+from helpers import write_cifar_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,11 +38,12 @@ def test_every_script_once_end_to_end(tmp_path):
     for name in ("last.pt", "best.pt"):
         assert torch.load(out / name, weights_only=True)["epoch"] >= 1
 
-    # The README's two commands as written, in the folder the run wrote (as a user's current folder).
-    Image.fromarray(coloured_images(1, 5)[0][0]).resize((64, 48)).save(out / "dog.png")
-    run("gradcam.py", "--image", "dog.png", "--layer", "layer4", cwd=out)
+    # The README's two commands as written, in the folder the run wrote (as a user's current folder),
+    # with the repository's sample images beside it.
+    shutil.copytree(os.path.join(HERE, "examples"), out / "examples")
+    run("gradcam.py", "--image", "examples/dog.png", "--layer", "layer4", cwd=out)
     run("plot_curves.py", "log.json", cwd=out)
-    for picture in ("dog_gradcam.png", "log_curves.png", "log_confusion.png"):
+    for picture in ("examples/dog_gradcam.png", "log_curves.png", "log_confusion.png"):
         assert Image.open(out / picture).size[0] > 100
 
     run("benchmark.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--workers", "1",

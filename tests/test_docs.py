@@ -55,7 +55,7 @@ COMMANDS = [*shown_commands(), *docstring_commands()]
 
 def test_the_pages_show_the_four_commands():
     shown = {(script, " ".join(argv)) for _, script, argv in COMMANDS}
-    assert {("train.py", "--epochs 50"), ("gradcam.py", "--image dog.png --layer layer4"),
+    assert {("train.py", "--epochs 50"), ("gradcam.py", "--image examples/dog.png --layer layer4"),
             ("plot_curves.py", "log.json")} <= shown
 
 

@@ -138,10 +138,9 @@ def test_a_row_shows_the_prediction_beside_another_class_and_the_title_stays_abo
 def test_the_readmes_notebook_snippet_runs(trained_run, tmp_path, monkeypatch):
     readme = open(os.path.join(HERE, "README.md")).read()
     snippet = readme.split("**From a notebook**")[1].split("```")[1]
-    image = save_test_images(tmp_path)[0]
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a notebook in a copy of the repository's folder: best.pt and examples/
     shutil.copy(trained_run / "best.pt", tmp_path / "best.pt")
-    shutil.copy(image, tmp_path / "dog.png")
+    shutil.copytree(os.path.join(HERE, "examples"), tmp_path / "examples")
     names = {}
     exec(snippet, names)
     assert names["images"].shape == (1, 3, 32, 32) and names["maps"].shape == (1, 1, 32, 32)
