@@ -109,8 +109,8 @@ def table(labels, summaries):
 # ----------------------------------------------------------------------------- pictures
 
 def curves_figure(logs, labels, summaries):
-    figure = cli.new_figure((16, 4.6))
-    loss_axis, acc_axis, lr_axis = figure.subplots(1, 3)
+    figure = cli.new_figure((20, 4.6))
+    loss_axis, acc_axis, ece_axis, lr_axis = figure.subplots(1, 4)
     for index, (log, label, s) in enumerate(zip(logs, labels, summaries)):
         colour = f"C{index}"
         epochs = [r["epoch"] for r in log["epochs"]]
@@ -130,21 +130,25 @@ def curves_figure(logs, labels, summaries):
         plot(acc_axis, "val_acc", ":", "D", "validation", 100)
         plot(acc_axis, "test_acc", "--", "s", tested, 100)
         plot(acc_axis, "test_acc_tta", "-.", "^", f"{tested}, flip TTA", 100)
+        plot(ece_axis, "test_ece", "--", "s", tested, 100)
+        plot(ece_axis, "test_ece_scaled", ":", "v", f"{tested}, temperature from validation", 100)
         plot(lr_axis, "lr", "-", "o", "learning rate")
         acc_axis.plot([s["best_test_acc_epoch"]], [100 * s["best_test_acc"]], "*", color=colour, markersize=12,
                       label=f"best {tested} ({100 * s['best_test_acc']:.2f}%)" if len(logs) == 1 else None)
     loss_axis.set(title="loss (training criterion)", xlabel="epoch", ylabel="loss", yscale="log")
     acc_axis.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    ece_axis.set(title="expected calibration error (15 bins)", xlabel="epoch", ylabel="ECE (%)")
     lr_axis.set(title="learning rate (at each epoch's start)", xlabel="epoch", ylabel="lr", yscale="log")
     from matplotlib.ticker import MaxNLocator
     last_epoch = max(s["epochs_done"] for s in summaries)
-    for axis in (loss_axis, acc_axis, lr_axis):
+    for axis in (loss_axis, acc_axis, ece_axis, lr_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if last_epoch < 3:  # matplotlib would spread one or two epochs over fractions
             axis.set_xlim(0.5, last_epoch + 0.5)
             axis.set_xticks(range(1, last_epoch + 1))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:  # a log of an earlier version has no calibration
+            axis.legend(fontsize=8)
     if len(logs) == 1:
         figure.suptitle(f"{labels[0]}: {one_line(summaries[0])}", fontsize=11)
     else:
@@ -157,8 +161,8 @@ def curves_figure(logs, labels, summaries):
 def confusion_figure(log, label):
     classes, matrix = log["classes"], log["confusion_matrix"]
     per_class = log["per_class_accuracy"]
-    figure = cli.new_figure((14, 6))
-    matrix_axis, bar_axis = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
+    figure = cli.new_figure((20, 6))
+    matrix_axis, bar_axis, reliability_axis = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1, 1]})
     image = matrix_axis.imshow(matrix, cmap="Blues")
     darkest = max(max(row) for row in matrix)
     if len(classes) <= 20:  # CIFAR-100's 10,000 cells would be unreadable numbers
@@ -179,10 +183,31 @@ def confusion_figure(log, label):
     bar_axis.invert_yaxis()
     for y, value in enumerate(accuracies):
         bar_axis.text(value or 0, y, " no images" if value is None else f" {value:.1f}%", va="center", fontsize=8)
+    reliability_diagram(reliability_axis, log)
     figure.suptitle(f"{label}: final {accuracy_name(log)} accuracy {100 * log['epochs'][-1]['test_acc']:.2f}% "
                     f"({evaluated_on(log)})", fontsize=11)
     figure.tight_layout()
     return figure
+
+
+def reliability_diagram(axis, log):
+    """The final epoch's accuracy against confidence in 15 equal-width bins (Guo et al. 2017): bars under the
+    diagonal are over-confident. The share of images in each bin is printed on its bar."""
+    bins = log.get("reliability")
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class's probability)", ylabel="accuracy",
+             title="reliability diagram (final epoch)")
+    if not bins:
+        axis.text(0.5, 0.5, "not in this log (an earlier train.py)", ha="center", va="center")
+        return
+    width, total = 1 / len(bins["count"]), sum(bins["count"])
+    filled = [(i, count, right) for i, (count, right) in enumerate(zip(bins["count"], bins["accuracy"])) if count]
+    axis.bar([(i + 0.5) * width for i, _, _ in filled], [right for _, _, right in filled], width=width,
+             edgecolor="white", color="C0", label="accuracy in the bin")
+    axis.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    for i, count, right in filled:
+        axis.text((i + 0.5) * width, right, f"{100 * count / total:.0f}%", ha="center", va="bottom", fontsize=7)
+    ece = log["epochs"][-1].get("test_ece")
+    axis.legend(fontsize=8, loc="upper left", title=None if ece is None else f"ECE {100 * ece:.2f}%")
 
 
 def output_paths(args):

@@ -28,6 +28,8 @@ from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 LOG_NAME, LAST_NAME, BEST_NAME = "log.json", "last.pt", "best.pt"
 LOCK_NAME = ".train.lock"  # held in the output folder while a run writes there
 LOG_FORMAT = "resnet18-cifar-log/1"
+# What the last epoch's test evaluation leaves for a finished run's log: the checkpoint's keys of the same name.
+FINAL_KEYS = ("confusion", "reliability")
 
 
 class WriteFailed(Exception):
@@ -111,15 +113,18 @@ def data_description(data, test_labels, shortcut=None):
             "test_subset": len(test_labels) < len(data.test_labels), "planted_shortcut": shortcut}
 
 
-def build_log(args, env, classes, history, best_key, data=None, confusion=None):
-    """log.json's contents; a finished run's adds the per-class accuracy and the confusion matrix of its last
-    epoch (rows: true class, columns: predicted)."""
+def build_log(args, env, classes, history, best_key, data=None, final=None):
+    """log.json's contents; a finished run's adds, from its last epoch (`final`: FINAL_KEYS), the per-class
+    accuracy, the confusion matrix (rows: true class, columns: predicted) and the reliability diagram's bins."""
     log = {"format": LOG_FORMAT, "args": dict(vars(args)), "environment": env, "data": data, "classes": classes,
            "epochs": history, "summary": summarize(history, best_key) if history else None}
-    if confusion is not None:
+    if final is not None:
+        confusion = final["confusion"]
         log["per_class_accuracy"] = {name: (row[i] / sum(row) if sum(row) else None)
                                      for i, (name, row) in enumerate(zip(classes, confusion))}
         log["confusion_matrix"] = confusion
+        if final.get("reliability"):  # none in a checkpoint of an earlier version
+            log["reliability"] = final["reliability"]
     return log
 
 

@@ -34,7 +34,7 @@ import runfiles
 from cli import UsageError, note, warn
 from loop import Diverged, Stopped
 from resnet import CheckpointError
-from runfiles import BEST_NAME, LAST_NAME, LOG_NAME, RUNTIME_FLAGS
+from runfiles import BEST_NAME, FINAL_KEYS, LAST_NAME, LOG_NAME, RUNTIME_FLAGS
 
 
 # ----------------------------------------------------------------------------- the run
@@ -85,11 +85,11 @@ def train(read_command_line, world=distributed.World()):
                     run.sampler.set_epoch(epoch)
                     record = {"epoch": epoch, "lr": trainer.lr(), **loop.train_one_epoch(
                         trainer, run.loader, epoch, args.epochs, stop, bar, lines_every=lines_every)}
-                    confusion = run.evaluate(record, bar)
+                    final = run.evaluate(record, bar)
                     if args.schedule == "plateau":  # never on the test set
                         trainer.scheduler.step(record["val_acc"] if run.val is not None else record["train_loss"])
                     record["seconds"] = time.perf_counter() - start
-                    run.save(record, confusion)  # written while the next epoch trains
+                    run.save(record, final)  # written while the next epoch trains
                     cli.say(epoch_line(record, args.epochs, run.val is not None))
             run.say_done(stop, trained=first <= args.epochs)
     return 0
@@ -231,10 +231,11 @@ def batch_not_divisible(args, processes):
 
 def epoch_line(record, epochs, has_val):
     val = f"  val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" if has_val else ""
+    scaled = f" ({100 * record['test_ece_scaled']:.2f}% at T {record['temperature']:.2f})" if has_val else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  lr {record['lr']:.4g}  "
             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%{val}  "
             f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}% "
-            f"(flip TTA {100 * record['test_acc_tta']:.2f}%)  "
+            f"(flip TTA {100 * record['test_acc_tta']:.2f}%) ECE {100 * record['test_ece']:.2f}%{scaled}  "
             f"{record['seconds']:.1f}s in all (training {record['train_seconds']:.1f}s at "
             f"{record['images_per_s']:.0f} img/s)")
 
@@ -330,11 +331,11 @@ class Run:
             train_images, train_labels, args, data.mean, device, workers, world=world))
         model = loop.build_model(len(data.classes), args, device)
         self.trainer = loop.Trainer(model, args, precision, device, data.mean, data.std, len(self.loader), world)
-        self.history, self.best, self.last_confusion = [], None, None
+        self.history, self.best, self.last_final = [], None, None
         if checkpoint is not None:  # a checkpoint that does not fit fails everywhere alike, or stops the rest
             world.together(lambda: runfiles.restore_checkpoint(self.trainer, checkpoint))
             self.history, self.best = list(checkpoint["history"]), checkpoint["best"]
-            self.last_confusion = checkpoint["confusion"]
+            self.last_final = {key: checkpoint.get(key) for key in FINAL_KEYS}
         self.writer = runfiles.BackgroundWriter(saved_epoch=len(self.history), enabled=world.main)
         self.test = augment.as_tensors(test_images, test_labels, device)
         self.val = None if val is None else augment.as_tensors(*val, device)
@@ -360,15 +361,22 @@ class Run:
                     f"training images, {len(test_labels)} test images; writing into {args.out_dir}/")
 
     def evaluate(self, record, bar):
-        """The validation (with --val-split) and test loss and accuracy into `record`; returns the test
-        confusion matrix. Batches: each process's share of a training batch (the memory it has)."""
+        """The validation (with --val-split) and test loss, accuracy and calibration into `record`; with
+        --val-split also the temperature fitted on the validation images and the test calibration after it.
+        Returns the test confusion matrix and reliability bins (FINAL_KEYS). Batches: each process's share of
+        a training batch (the memory it has)."""
         batch, epoch, classes = self.world.per_rank(self.args.batch_size), record["epoch"], len(self.data.classes)
+        temperature = 1.0
         if self.val is not None:
             val = loop.evaluate(self.trainer, *self.val, classes, batch, f"epoch {epoch} validation", bar)
-            record.update(val_loss=val["loss"], val_acc=val["acc"])
-        test = loop.evaluate(self.trainer, *self.test, classes, batch, f"epoch {epoch} test", bar)
-        record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"])
-        return test["confusion"]
+            temperature = loop.fitted_temperature(val)  # never from the test set
+            record.update(val_loss=val["loss"], val_acc=val["acc"], val_nll=val["nll"], temperature=temperature)
+        test = loop.evaluate(self.trainer, *self.test, classes, batch, f"epoch {epoch} test", bar, temperature)
+        record.update(test_loss=test["loss"], test_acc=test["acc"], test_acc_tta=test["acc_tta"],
+                      test_nll=test["nll"], test_ece=test["ece"])
+        if self.val is not None:
+            record.update(test_nll_scaled=test["nll_scaled"], test_ece_scaled=test["ece_scaled"])
+        return {"confusion": test["confusion"], "reliability": test["reliability"]}
 
     def files_written(self):
         """Wait for rank 0's write in progress; a failed write (a full disk) stops every rank, not rank 0
@@ -376,13 +384,13 @@ class Run:
         self.world.together(self.writer.wait, here=self.world.main)
         return self.writer.saved_epoch
 
-    def log(self, history, confusion):
-        """log.json's contents after `history`; the final metrics come with the last epoch's `confusion`."""
+    def log(self, history, final):
+        """log.json's contents after `history`; the final metrics come from the last epoch's `final`."""
         finished = history and history[-1]["epoch"] == self.args.epochs
         return runfiles.build_log(self.args, self.env, self.data.classes, history, self.best_key, self.described,
-                                  confusion if finished else None)
+                                  final if finished else None)
 
-    def save(self, record, confusion):
+    def save(self, record, final):
         """Snapshot a finished epoch (CPU copies: training goes on) and hand last.pt, best.pt and log.json to
         the writer, which writes them while the next epoch trains."""
         self.files_written()  # the epoch before's, written while this one trained
@@ -392,8 +400,8 @@ class Run:
 
         def snapshot():
             checkpoint = runfiles.build_checkpoint(self.trainer, self.args, self.data, epoch, history, best)
-            checkpoint.update(data=self.described, confusion=confusion)
-            return checkpoint, self.log(history, confusion)
+            checkpoint.update(data=self.described, **final)
+            return checkpoint, self.log(history, final)
 
         self.writer.submit(epoch, snapshot, lambda checkpoint, log: runfiles.save_epoch(
             self.paths, checkpoint, improved, log, self.resume_command))
@@ -401,7 +409,7 @@ class Run:
 
     def catch_up_files(self):
         """On a resume, bring the folder up to date with the checkpoint first (runfiles.catch_up)."""
-        log = self.log(self.history, self.last_confusion)
+        log = self.log(self.history, self.last_final)
         runfiles.catch_up(self.paths, os.path.abspath(self.args.resume), self.resumed, log)
         if not os.path.exists(self.paths[BEST_NAME]):
             note(f"no best.pt of epoch {self.best['epoch']} came with {self.args.resume}: {self.paths[BEST_NAME]} "

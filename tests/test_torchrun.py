@@ -127,6 +127,8 @@ def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
     reference = reference_evaluation(tmp_path / "last.pt", data_dir, batch_size=10, precision=env["precision"])
     assert (last["test_acc"], last["test_acc_tta"]) == (reference["acc"], reference["acc_tta"])
     assert log["confusion_matrix"] == reference["confusion"]
+    assert last["test_ece"] == pytest.approx(reference["ece"], abs=1e-6)  # float sums: the order differs
+    assert log["reliability"]["count"] == reference["reliability"]["count"]
 
 
 @pytest.mark.slow
