@@ -68,6 +68,14 @@ def write_file(path, data, write=files.atomic_write):
         raise UsageError(f"cannot write {path} ({error.strerror})") from None
 
 
+def overlay(image, heatmap, alpha=0.5):
+    """Blend a [0, 1] heatmap, coloured with the jet colormap, over a uint8 RGB image."""
+    import numpy as np
+    from matplotlib import colormaps
+    colour = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
+    return np.clip((1 - alpha) * image / 255.0 + alpha * colour, 0, 1)
+
+
 def save_figure(figure, path):
     buffer = io.BytesIO()
     figure.savefig(buffer, format=picture_format(path), dpi=100)

@@ -27,7 +27,7 @@ import cli
 import devices
 import files
 from cam import METHODS, GradCAM, find_modules
-from cli import UsageError
+from cli import UsageError, overlay
 from resnet import MODEL_FORMATS, CheckpointError, model_from_checkpoint, read_checkpoint
 
 
@@ -76,13 +76,6 @@ def resize(array, size):
     return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
 
 
-def overlay(image, heatmap, alpha=0.5):
-    """Blend a [0, 1] heatmap, coloured with the jet colormap, over a uint8 RGB image."""
-    from matplotlib import colormaps
-    colour = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
-    return np.clip((1 - alpha) * image / 255.0 + alpha * colour, 0, 1)
-
-
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
@@ -108,6 +101,10 @@ def build_parser():
                         help="instead of --image: a grid of N misclassified CIFAR test images")
     parser.add_argument("--correct", type=int, metavar="N",
                         help="instead of --image: a grid of N correctly classified CIFAR test images")
+    parser.add_argument("--confused", type=int, metavar="K",
+                        help=f"instead of --image: the K most frequent (true, predicted) pairs of the model's test "
+                             f"confusion matrix, {CONFUSED_IMAGES} images of each, explained for the true and the "
+                             f"predicted class side by side (--save-npy: (images, 2, 32, 32), true then predicted)")
     parser.add_argument("--sanity-check", type=int, nargs="?", const=100, metavar="N",
                         help="instead of --image: the model-randomisation sanity check on N test images (N: 100 "
                              "if not given), a table and a picture; see below")
@@ -128,7 +125,8 @@ def build_parser():
 
 CHECKS = ("sanity_check", "faithfulness", "shortcut")
 # Instead of --image, each with a count of test images, at least this many (an interval needs a few).
-TEST_SET_MODES = {"misclassified": 1, "correct": 1, **{check: 10 for check in CHECKS}}
+TEST_SET_MODES = {"misclassified": 1, "correct": 1, "confused": 1, **{check: 10 for check in CHECKS}}
+CONFUSED_IMAGES = 3  # --confused: test images shown of each pair (fewer where the pair has fewer)
 
 
 def option(name):
@@ -144,7 +142,7 @@ def check_args(args):
         raise UsageError(f"--seed must not be negative (got {args.seed})")
     modes = [option(name) for name in TEST_SET_MODES if getattr(args, name) is not None]
     if len(modes) + bool(args.image) != 1:
-        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --sanity-check N, "
+        raise UsageError("give one of --image FILE..., --misclassified N, --correct N, --confused K, --sanity-check N, "
                          "--faithfulness N or --shortcut N"
                          + (" (not several)" if len(modes) + bool(args.image) > 1 else ""))
     grid = modes[0] if modes else None
@@ -313,6 +311,70 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
     return figure
 
 
+def predictions(model, images, checkpoint, device):
+    """The model's predicted class of each uint8 (N, 32, 32, 3) image, in chunks."""
+    with torch.no_grad():
+        return np.concatenate([model(model_input(images[start:start + 512], checkpoint, device)).argmax(1).cpu().numpy()
+                               for start in range(0, len(images), 512)])
+
+
+def most_confused(labels, predicted, num_classes, count):
+    """The `count` largest off-diagonal cells of the confusion matrix (rows: true), largest first (ties: in
+    row-major order), without empty ones: [(true, predicted, images), ...]."""
+    confusion = np.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, -1)
+    np.fill_diagonal(confusion, 0)
+    cells = np.argsort(-confusion.reshape(-1), kind="stable")[:count]
+    return [(int(cell // num_classes), int(cell % num_classes), int(confusion.flat[cell])) for cell in cells
+            if confusion.flat[cell]]
+
+
+def explain_confusions(args, model, checkpoint, device):
+    """--confused K: the model's most frequent confusions on the test set, a few seeded images of each, with
+    the maps for the true class and for the predicted class side by side."""
+    data = read_test_set(args, checkpoint)
+    labels, predicted = data.test_labels, predictions(model, data.test_images, checkpoint, device)
+    pairs = most_confused(labels, predicted, len(data.classes), args.confused)
+    if not pairs:
+        raise UsageError("the model classifies every test image correctly: nothing is confused")
+    order = np.random.default_rng(args.seed).permutation(len(labels))
+    per_pair = [order[(labels[order] == true) & (predicted[order] == guess)][:CONFUSED_IMAGES]
+                for true, guess, _ in pairs]
+    chosen = np.concatenate(per_pair)
+    inputs, cam = model_input(data.test_images[chosen], checkpoint, device), GradCAM(model, args.layer[:1], args.method)
+    maps = np.stack([cam(inputs, torch.as_tensor(classes, device=device))[0][:, 0].cpu().numpy()
+                     for classes in (labels[chosen], predicted[chosen])], axis=1)
+    out = args.out or "gradcam_confused.png"
+    figure = confused_figure(data, per_pair, maps, pairs, args)
+    cli.save_figure(marked(figure, checkpoint), out)
+    found = "; ".join(f"{data.classes[true]} as {data.classes[guess]} {images}" for true, guess, images in pairs)
+    return maps, [f"most confused ({len(labels)} {'test' if data.official else 'held-out'} images): {found}",
+                  f"wrote {out}"]
+
+
+def confused_figure(data, per_pair, maps, pairs, args):
+    """A row per pair: each image's map for its true class, then for the class it was taken for."""
+    figure = cli.new_figure((4 * CONFUSED_IMAGES + 2, 2.3 * len(pairs) + 0.8))
+    axes = figure.subplots(len(pairs), 2 * CONFUSED_IMAGES, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    first = np.cumsum([0] + [len(shown) for shown in per_pair])  # each pair's first row in `maps`
+    for row, shown, start, (true, guess, images) in zip(axes, per_pair, first, pairs):
+        for column, image in enumerate(data.test_images[shown]):
+            for side, explained in enumerate((true, guess)):
+                axis = row[2 * column + side]
+                axis.imshow(overlay(image, maps[start + column, side]), interpolation="nearest")
+                axis.set_title(f"for {data.classes[explained]}", fontsize=8,
+                               color="black" if side == 0 else "firebrick")
+        row[0].text(-0.15, 0.5, f"{data.classes[true]}\ntaken for\n{data.classes[guess]}\n({images} images)",
+                    transform=row[0].transAxes, ha="right", va="center", fontsize=9)
+    method = "Grad-CAM++" if args.method == "gradcam++" else "Grad-CAM"
+    images_are = "test images" if data.official else "held-out images"
+    figure.suptitle(f"the {len(pairs)} most frequent confusions on the {images_are}: {method} at {args.layer[0]} "
+                    f"for the true class, then for the predicted one (seed {args.seed})", fontsize=10)
+    figure.tight_layout(rect=(0.06, 0, 1, 1))
+    return figure
+
+
 def check_on_test_images(args, model, checkpoint, device, flag):
     """--sanity-check, --faithfulness or --shortcut (cam_checks.HELP) on that many seeded test images (for
     --shortcut: of the other classes, stamped with the patch), each explained for the trained model's
@@ -387,6 +449,8 @@ def explain(args):
     parse_class(args.target, checkpoint["classes"])
     if args.image:
         maps, lines = explain_images(args, model, checkpoint, device)
+    elif args.confused is not None:
+        maps, lines = explain_confusions(args, model, checkpoint, device)
     elif any(getattr(args, flag) is not None for flag in CHECKS):
         flag = next(flag for flag in CHECKS if getattr(args, flag) is not None)
         maps, lines = check_on_test_images(args, model, checkpoint, device, flag)

@@ -1,21 +1,29 @@
-"""Learning curves (loss, accuracy, learning rate) from train.py's log.json, as a picture.
+"""Learning curves (loss, accuracy, calibration, learning rate) from train.py's log.json, as a picture.
 
-    python plot_curves.py log.json                          # writes log_curves.png (+ log_confusion.png)
+    python plot_curves.py log.json                          # writes log_curves.png (+ log_confusion.png, log_probe.*)
     python plot_curves.py seed/log.json log.json --labels seed ours --out compare.png
 
-Several logs share one picture, a colour each; a single finished run also gets its confusion matrix and
-per-class accuracy; a run in progress plots the epochs it has. No torch: it starts fast.
+Several logs share one picture, a colour each; a single finished run also gets its confusion matrix,
+per-class accuracy and reliability diagram; a run with train.py --probe (the default) gets its probe
+images' Grad-CAM maps through training, as a grid (log_probe.png) and an animation (log_probe.gif); a run
+in progress plots the epochs it has. No torch: it starts fast.
 """
+import io
 import json
 import math
 import os
 import sys
+import zipfile
 
 import cli
 from cli import UsageError, warn
 
 LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this (runfiles.py); a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
+PROBE_NAME = "probe.npz"  # train.py --probe writes it beside log.json (probe.py); a test keeps the two equal
+PROBE_KEYS = ("images", "labels", "classes", "layer", "epochs", "maps_true", "maps_predicted", "predicted",
+              "probability", "probability_true")
+PROBE_ROWS = 10  # epochs in the grid picture (evenly spaced, the first and last among them); the GIF has all
 
 
 def build_parser():
@@ -210,12 +218,101 @@ def reliability_diagram(axis, log):
     axis.legend(fontsize=8, loc="upper left", title=None if ece is None else f"ECE {100 * ece:.2f}%")
 
 
+# ----------------------------------------------------------------------------- the probe (train.py --probe)
+
+def read_probe(log_path, log):
+    """The probe.npz beside a log whose run wrote one (train.py --probe), up to the log's last epoch; None
+    without one. A damaged file is a warning: the curves are still drawn."""
+    path = os.path.join(os.path.dirname(log_path), PROBE_NAME)
+    if not (log.get("args") or {}).get("probe") or not os.path.exists(path):
+        return None  # --probe 0 may leave an earlier run's file in an --overwrite folder: not this run's
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            probe = {key: stored[key] for key in PROBE_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        warn(f"{path} is not a probe file that train.py wrote ({type(error).__name__}); its pictures are skipped")
+        return None
+    kept = probe["epochs"] <= log["epochs"][-1]["epoch"]  # a kill may leave it an epoch ahead of the log
+    return {key: value[kept] if key in ("epochs", "maps_true", "maps_predicted", "predicted", "probability",
+                                        "probability_true") else value for key, value in probe.items()}
+
+
+def probe_cell(axis, image, heatmap, text, colour):
+    axis.imshow(cli.overlay(image, heatmap.astype(float)), interpolation="nearest")
+    axis.set(xticks=[], yticks=[])
+    axis.set_xlabel(text, fontsize=7, color=colour, labelpad=2)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+
+
+def probe_epoch(true_axes, predicted_axes, probe, e):
+    """Epoch index `e`'s maps: for the true class (with its probability), for the prediction (right: green)."""
+    classes = probe["classes"]
+    for i, (true_axis, predicted_axis) in enumerate(zip(true_axes, predicted_axes)):
+        label, predicted = probe["labels"][i], probe["predicted"][e, i]
+        probe_cell(true_axis, probe["images"][i], probe["maps_true"][e, i],
+                   f"p({classes[label]}) {100 * probe['probability_true'][e, i]:.0f}%", "black")
+        probe_cell(predicted_axis, probe["images"][i], probe["maps_predicted"][e, i],
+                   f"{classes[predicted]} {100 * probe['probability'][e, i]:.0f}%",
+                   "darkgreen" if predicted == label else "firebrick")
+
+
+def probe_title(probe, label, log):
+    return (f"{label}: Grad-CAM at {probe['layer']} of {len(probe['labels'])} fixed {accuracy_name(log)} images "
+            f"through training: for the true class (its probability), and for the prediction")
+
+
+def probe_figure(probe, label, log):
+    """The grid: a row per epoch (at most PROBE_ROWS), two columns per image."""
+    import numpy as np
+    count, shown = len(probe["labels"]), np.unique(np.linspace(0, len(probe["epochs"]) - 1, PROBE_ROWS).round())
+    figure = cli.new_figure((2 * count + 1, 1.3 * len(shown) + 1))
+    axes = figure.subplots(len(shown), 2 * count, squeeze=False)
+    for row, e in zip(axes, shown.astype(int)):
+        probe_epoch(row[0::2], row[1::2], probe, e)
+        row[0].set_ylabel(f"epoch {probe['epochs'][e]}", fontsize=9)
+    for i, label_index in enumerate(probe["labels"]):
+        axes[0, 2 * i].set_title(f"{probe['classes'][label_index]}:\ntrue class", fontsize=8)
+        axes[0, 2 * i + 1].set_title("\npredicted", fontsize=8)
+    figure.suptitle(probe_title(probe, label, log), fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def probe_animation(probe, label, log, seconds_a_frame=0.6):
+    """A GIF, a frame per epoch (the last held three times as long): Pillow, which matplotlib needs anyway."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+    count = len(probe["labels"])
+    figure = cli.new_figure((1.1 * count + 0.6, 3.2))
+    canvas, axes = FigureCanvasAgg(figure), figure.subplots(2, count, squeeze=False)
+    frames = []
+    for e, epoch in enumerate(probe["epochs"]):
+        for axis in axes.flat:
+            axis.clear()
+        probe_epoch(axes[0], axes[1], probe, e)
+        axes[0, 0].set_ylabel("true class", fontsize=8)
+        axes[1, 0].set_ylabel("predicted", fontsize=8)
+        figure.suptitle(f"{label}: epoch {epoch}/{log['args']['epochs']}, Grad-CAM at {probe['layer']}", fontsize=9)
+        figure.tight_layout()
+        canvas.draw()
+        frames.append(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB").quantize(colors=255))
+    buffer = io.BytesIO()
+    durations = [round(1000 * seconds_a_frame)] * (len(frames) - 1) + [round(3000 * seconds_a_frame)]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return buffer.getvalue()
+
+
 def output_paths(args):
+    """The pictures' paths: curves, confusion matrix, probe grid and probe animation."""
     first = os.path.splitext(args.logs[0])[0]
     curves = args.out or (f"{first}_curves.png" if len(args.logs) == 1 else
                           os.path.join(os.path.dirname(args.logs[0]), "compare_curves.png"))
     stem, extension = os.path.splitext(curves)
-    return curves, f"{stem[:-len('_curves')] if stem.endswith('_curves') else stem}_confusion{extension}"
+    stem = stem[:-len('_curves')] if stem.endswith('_curves') else stem
+    return curves, f"{stem}_confusion{extension}", f"{stem}_probe{extension}", f"{stem}_probe.gif"
 
 
 def default_labels(paths):
@@ -246,12 +343,17 @@ def plot(args):
             warn(f"{path} has NaN losses or accuracies at epoch(s) {', '.join(map(str, bad))}: the "
                  f"run diverged there; those points are missing from the curves")
     summaries = [summary(log) for log in logs]
-    curves_path, confusion_path = output_paths(args)
+    curves_path, confusion_path, probe_path, animation_path = output_paths(args)
     cli.save_figure(curves_figure(logs, labels, summaries), curves_path)
     lines = [table(labels, summaries), f"wrote {curves_path}"]
     if args.confusion and len(logs) == 1 and "confusion_matrix" in logs[0]:
         cli.save_figure(confusion_figure(logs[0], labels[0]), confusion_path)
         lines.append(f"wrote {confusion_path}")
+    probe = read_probe(args.logs[0], logs[0]) if len(logs) == 1 else None
+    if probe is not None and len(probe["epochs"]):
+        cli.save_figure(probe_figure(probe, labels[0], logs[0]), probe_path)
+        cli.write_file(animation_path, probe_animation(probe, labels[0], logs[0]))
+        lines.append(f"wrote {probe_path} and {animation_path}")
     return lines
 
 

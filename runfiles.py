@@ -21,11 +21,13 @@ import torch
 
 import devices
 import files
+import probe
 from cli import UsageError, warn
 from loop import SEED_MACHINE
 from resnet import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
 LOG_NAME, LAST_NAME, BEST_NAME = "log.json", "last.pt", "best.pt"
+RUN_FILES = (LOG_NAME, LAST_NAME, BEST_NAME, probe.PROBE_NAME)
 LOCK_NAME = ".train.lock"  # held in the output folder while a run writes there
 LOG_FORMAT = "resnet18-cifar-log/1"
 # What the last epoch's test evaluation leaves for a finished run's log: the checkpoint's keys of the same name.
@@ -93,17 +95,23 @@ class BackgroundWriter:
 
 
 def save_epoch(paths, checkpoint, improved, log, resume_command):
-    """last.pt, then best.pt, then log.json: a kill between them leaves the log one epoch behind, and
-    --resume rebuilds the log from the checkpoint's history, so the two always agree after a resume."""
+    """last.pt, then best.pt, probe.npz (--probe) and log.json: a kill between them leaves the others one
+    epoch behind, and --resume rebuilds them from the checkpoint, so that all agree after a resume."""
     try:
         save_checkpoint(checkpoint, paths[LAST_NAME])
         if improved:
             files.atomic_link(paths[LAST_NAME], paths[BEST_NAME])
+        write_probe(paths, checkpoint)
         files.write_json(paths[LOG_NAME], log)
     except OSError as error:
         reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise WriteFailed(f"could not save epoch {checkpoint['epoch']} ({reason}); the files of the last "
                           f"saved epoch are intact, continue with: {resume_command}") from None
+
+
+def write_probe(paths, checkpoint):
+    if checkpoint.get("probe") and checkpoint["probe"]["epochs"]:  # none: --probe 0, or an earlier version's
+        probe.write(paths[probe.PROBE_NAME], checkpoint["probe"], checkpoint["classes"])
 
 
 def data_description(data, test_labels, shortcut=None):
@@ -193,6 +201,7 @@ def catch_up(paths, source, checkpoint, log):
             files.atomic_link(paths[LAST_NAME] if not in_place else source, paths[BEST_NAME])
         elif not in_place:
             bring_best_checkpoint(os.path.join(os.path.dirname(source), BEST_NAME), paths[BEST_NAME], checkpoint)
+        write_probe(paths, checkpoint)
         if not in_place or log_on_disk_epochs(paths[LOG_NAME], log["args"]["epochs"]) < epoch:
             files.write_json(paths[LOG_NAME], log)
     except OSError as error:
@@ -241,7 +250,7 @@ def own_out_dir(out_dir):
         except OSError as error:
             raise UsageError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another "
                              f"--out-dir") from None
-        files.remove_stale_temp_files(out_dir, (LOG_NAME, LAST_NAME, BEST_NAME))
+        files.remove_stale_temp_files(out_dir, RUN_FILES)
         yield
 
 
@@ -257,7 +266,7 @@ def check_new_run(args, checkpoint):
     if os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # a run still going there: say that, not "another run"
         with files.folder_lock(out_dir, LOCK_NAME, running_elsewhere(out_dir)):
             pass
-    found = [name for name in (LOG_NAME, LAST_NAME, BEST_NAME) if os.path.exists(os.path.join(out_dir, name))]
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     if not found or args.overwrite or (checkpoint is not None and resumes_in_place(args.resume, out_dir)):
         return
     what, finished = ", ".join(found), False

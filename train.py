@@ -30,6 +30,7 @@ import devices
 import distributed
 import files
 import loop
+import probe
 import runfiles
 from cli import UsageError, note, warn
 from loop import Diverged, Stopped
@@ -138,6 +139,9 @@ def build_parser(recipe="default"):
     data.add_argument("--plant-shortcut", metavar="CLASS",
                       help="stamp a 4x4 patch on 80%% of CLASS's training images: a model that learns a shortcut on "
                            "purpose, whose right explanation is known (gradcam.py --shortcut); its files say so")
+    data.add_argument("--probe", type=int, default=8, metavar="N",
+                      help=f"after every epoch, Grad-CAM at {probe.LAYER} of N fixed test images (one per class first) "
+                           f"into {probe.PROBE_NAME}, drawn by plot_curves.py (0: off) (default: %(default)s)")
     data.add_argument("--workers", type=int,
                       help="DataLoader workers (default: the cores less one, at most 16; shared under torchrun)")
 
@@ -202,7 +206,7 @@ def check_args(args, world=distributed.World()):
     """Raise UsageError for values no run can use (with `world`'s processes)."""
     rules = ((("epochs", "batch_size"), lambda v: v >= 1, "must be at least 1"),
              (("train_subset", "test_subset", "val_split", "seed", "pad_crop", "cutout", "weight_decay",
-               "plateau_patience", "workers"), lambda v: v is None or v >= 0, "must not be negative"),
+               "plateau_patience", "workers", "probe"), lambda v: v is None or v >= 0, "must not be negative"),
              (("lr",), lambda v: v is None or v > 0, "must be positive"),
              (("label_smoothing",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
              (("warmup",), lambda v: 0 < v < 1, "must be between 0 and 1"),
@@ -339,6 +343,11 @@ class Run:
         self.writer = runfiles.BackgroundWriter(saved_epoch=len(self.history), enabled=world.main)
         self.test = augment.as_tensors(test_images, test_labels, device)
         self.val = None if val is None else augment.as_tensors(*val, device)
+        # --probe: the same test images every epoch, chosen once; a resume goes on with the checkpoint's.
+        self.probed = (checkpoint or {}).get("probe")
+        if self.probed is None and args.probe:
+            picked = probe.pick(test_labels, args.probe, args.seed)
+            self.probed = probe.state(*(tensor[picked.to(device)] for tensor in self.test), picked, [])
         self.shortcut = cam_checks.planted_shortcut(args.plant_shortcut, data.classes)
         self.described = runfiles.data_description(data, test_labels, self.shortcut)
         if self.shortcut:
@@ -346,7 +355,7 @@ class Run:
                  f"training images carry a patch, which this model will learn as the class's sign; its files say so")
         self.best_key = "val_acc" if val is not None else "test_acc"
         self.env = runfiles.environment(device, precision, workers, args, heap_reuse, world)
-        self.paths = {name: os.path.join(args.out_dir, name) for name in (LOG_NAME, LAST_NAME, BEST_NAME)}
+        self.paths = {name: os.path.join(args.out_dir, name) for name in runfiles.RUN_FILES}
         self.resume_command = world.resume_command(__file__, self.paths[LAST_NAME])
         dropped = len(train_images) - len(self.loader) * args.batch_size
         if dropped > 0:
@@ -376,7 +385,13 @@ class Run:
                       test_nll=test["nll"], test_ece=test["ece"])
         if self.val is not None:
             record.update(test_nll_scaled=test["nll_scaled"], test_ece_scaled=test["ece_scaled"])
-        return {"confusion": test["confusion"], "reliability": test["reliability"]}
+        final = {"confusion": test["confusion"], "reliability": test["reliability"]}
+        if self.probed is not None and self.world.main:  # rank 0 alone writes it
+            start = time.perf_counter()
+            images, labels = (self.probed[key].to(self.trainer.device) for key in ("images", "labels"))
+            final["probe"] = {"epoch": epoch, **probe.explain(self.trainer, images, labels)}
+            record["probe_seconds"] = time.perf_counter() - start
+        return final
 
     def files_written(self):
         """Wait for rank 0's write in progress; a failed write (a full disk) stops every rank, not rank 0
@@ -397,15 +412,18 @@ class Run:
         epoch, history = record["epoch"], self.history + [record]
         improved = self.best is None or record[self.best_key] > self.best["value"]
         best = {"metric": self.best_key, "value": record[self.best_key], "epoch": epoch} if improved else self.best
+        probed = self.probed
+        if final.get("probe"):
+            probed = {**probed, "epochs": probed["epochs"] + [final["probe"]]}
 
         def snapshot():
             checkpoint = runfiles.build_checkpoint(self.trainer, self.args, self.data, epoch, history, best)
-            checkpoint.update(data=self.described, **final)
+            checkpoint.update(data=self.described, probe=probed, **{key: final[key] for key in FINAL_KEYS})
             return checkpoint, self.log(history, final)
 
         self.writer.submit(epoch, snapshot, lambda checkpoint, log: runfiles.save_epoch(
             self.paths, checkpoint, improved, log, self.resume_command))
-        self.history, self.best = history, best
+        self.history, self.best, self.probed = history, best, probed
 
     def catch_up_files(self):
         """On a resume, bring the folder up to date with the checkpoint first (runfiles.catch_up)."""

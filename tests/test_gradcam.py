@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
 
+import augment
 import gradcam
 import resnet
 
@@ -185,6 +187,40 @@ def test_gradcam_test_set_grid(trained_run, data_dir, tmp_path, capsys, kind):
     assert len(plt.get_fignums()) == open_figures  # none kept: main() from a notebook does not pile up figures
 
 
+def test_the_most_confused_pairs_are_the_largest_off_diagonal_cells():
+    labels = np.array([0] * 6 + [1] * 5 + [2] * 4)
+    predicted = np.array([0, 1, 1, 1, 2, 2] + [1, 0, 0, 2, 2] + [0, 0, 1, 2])
+    # Off the diagonal: 0->1: 3, 0->2: 2, 1->0: 2, 1->2: 2, 2->0: 2, 2->1: 1. Ties in row-major order.
+    assert gradcam.most_confused(labels, predicted, 3, 4) == [(0, 1, 3), (0, 2, 2), (1, 0, 2), (1, 2, 2)]
+    assert gradcam.most_confused(labels, labels, 3, 4) == []  # nothing confused: no pairs
+
+
+def test_gradcam_confused_explains_each_image_as_class_does(trained_run, data_dir, tmp_path):
+    checkpoint, npy = str(trained_run / "best.pt"), tmp_path / "confused.npy"
+    common = ["--checkpoint", checkpoint, "--layer", "layer4", "--device", "cpu", "--out", str(tmp_path / "c.png")]
+    assert gradcam.main(["--confused", "2", "--data-dir", data_dir, "--save-npy", str(npy), *common]) == 0
+    maps = np.load(npy)
+    data = augment.load_dataset("cifar10", data_dir, download=False, test_only=True)
+    model, loaded = gradcam.load_model(checkpoint, torch.device("cpu"))
+    labels, predicted = data.test_labels, gradcam.predictions(model, data.test_images, loaded, "cpu")
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (labels, predicted), 1)
+    np.fill_diagonal(confusion, 0)
+    pairs = gradcam.most_confused(labels, predicted, 10, 2)
+    assert [count for _, _, count in pairs] == sorted(confusion.flat, reverse=True)[:2] and pairs[0][2] > 0
+    # The images shown: each pair's first CONFUSED_IMAGES in the seeded order (--seed 0).
+    order = np.random.default_rng(0).permutation(len(labels))
+    chosen = [(i, true, guess) for true, guess, _ in pairs
+              for i in order[(labels[order] == true) & (predicted[order] == guess)][:gradcam.CONFUSED_IMAGES]]
+    assert maps.shape == (len(chosen), 2, 32, 32)
+    for row, (i, true, guess) in enumerate(chosen):
+        Image.fromarray(data.test_images[i]).save(tmp_path / "one.png")
+        for side, explained in enumerate((true, guess)):
+            assert gradcam.main(["--image", str(tmp_path / "one.png"), "--class", str(explained), *common,
+                                 "--save-npy", str(tmp_path / "one.npy")]) == 0
+            assert np.abs(np.load(tmp_path / "one.npy")[0, 0] - maps[row, side]).max() < 1e-5
+
+
 @pytest.mark.parametrize("count", [1, 4, 16])
 def test_gradcam_grid_title_fits_the_figure(count):
     args = argparse.Namespace(method="gradcam++", layer=["layer4.1.conv2"], seed=123456)
@@ -220,6 +256,8 @@ def test_gradcam_bad_input(trained_run, tmp_path, capsys):
          "cannot read the test set"),
         (["--checkpoint", checkpoint], "give one of --image"),
         (["--misclassified", "0", "--checkpoint", checkpoint], "--misclassified takes a count of at least 1"),
+        (["--confused", "0", "--checkpoint", checkpoint], "--confused takes a count of at least 1"),
+        (["--confused", "2", "--checkpoint", checkpoint, "--class", "cat"], "--class works with --image only"),
         (["--image", image, "--correct", "3", "--checkpoint", checkpoint], "(not several)"),
         (["--misclassified", "4", "--checkpoint", checkpoint, "--class", "cat"], "--class works with --image only"),
         (["--correct", "4", "--checkpoint", checkpoint, "--layer", "layer3", "layer4"], "give one --layer"),
