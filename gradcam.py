@@ -4,6 +4,7 @@
     python gradcam.py --image examples/dog.png --layer layer4           # predicted class -> examples/dog_gradcam.png
     python gradcam.py --image a.jpg b.png --layer layer3 layer4 --class cat --method gradcam++
     python gradcam.py --misclassified 25 --layer layer4                 # a grid over the CIFAR test set
+    python gradcam.py --confused 4                                      # the 4 most frequent confusions, explained
     python gradcam.py --sanity-check 100 --layer layer4                 # does the map depend on the model?
     python gradcam.py --faithfulness 100 --layer layer4                 # does the model use what it marks?
     python gradcam.py --shortcut 100 --layer layer3                     # after train.py --plant-shortcut truck
@@ -126,6 +127,7 @@ def build_parser():
 CHECKS = ("sanity_check", "faithfulness", "shortcut")
 # Instead of --image, each with a count of test images, at least this many (an interval needs a few).
 TEST_SET_MODES = {"misclassified": 1, "correct": 1, "confused": 1, **{check: 10 for check in CHECKS}}
+CONFUSED_MOST = 25  # --confused: pairs at most (a row of the picture each, their images one batch)
 CONFUSED_IMAGES = 3  # --confused: test images shown of each pair (fewer where the pair has fewer)
 
 
@@ -138,6 +140,8 @@ def check_args(args):
         count = getattr(args, name)
         if count is not None and count < least:
             raise UsageError(f"{option(name)} takes a count of at least {least} (got {count})")
+    if args.confused is not None and args.confused > CONFUSED_MOST:
+        raise UsageError(f"--confused takes at most {CONFUSED_MOST} pairs (got {args.confused})")
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative (got {args.seed})")
     modes = [option(name) for name in TEST_SET_MODES if getattr(args, name) is not None]
@@ -152,7 +156,7 @@ def check_args(args):
         raise UsageError(f"{grid} draws one layer's maps: give one --layer (several work with --image)")
     if grid in [option(name) for name in CHECKS] and args.save_npy is not None:
         raise UsageError(f"{grid} writes its numbers as JSON beside its picture: --save-npy works with --image, "
-                         f"--misclassified and --correct")
+                         f"--misclassified, --correct and --confused")
     if args.out is not None:
         cli.picture_format(args.out)
         cli.check_output("--out", args.out)

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import augment
 import devices
@@ -320,11 +321,11 @@ def check_finite(first_bad_step, epoch, steps):
 
 @torch.no_grad()
 def evaluate(trainer, images, labels, num_classes, batch_size, description="evaluating", bar_enabled=False,
-             temperature=1.0):
+             temperature=1.0, fit_temperature=False):
     """Loss (the training criterion, so that curves compare), accuracy, accuracy with horizontal-flip
     test-time augmentation, the confusion matrix, and calibration (the NLL and the expected calibration
-    error, as they are and with the logits divided by `temperature`; the NLL at every TEMPERATURES, from
-    which fitted_temperature chooses) of uint8 (N, 3, 32, 32) `images`.
+    error, as they are and with the logits divided by `temperature`; with `fit_temperature` also the NLL
+    at every TEMPERATURES, from which fitted_temperature chooses) of uint8 (N, 3, 32, 32) `images`.
 
     Under torchrun rank r evaluates batches r, r + size, ... with rank 0's BatchNorm statistics and the
     counts are added up: every image goes through the same batch as in one process. Batches of the training
@@ -337,7 +338,8 @@ def evaluate(trainer, images, labels, num_classes, batch_size, description="eval
     loss_sum = torch.zeros((), device=device)
     correct, correct_tta = (torch.zeros((), device=device, dtype=torch.long) for _ in range(2))
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    nll = torch.zeros(len(TEMPERATURES), device=device)
+    nll, nll_scaled = (torch.zeros((), device=device) for _ in range(2))
+    nll_by_temperature = torch.zeros(len(TEMPERATURES) if fit_temperature else 0, device=device)
     bins, bins_scaled = (torch.zeros(3 * CALIBRATION_BINS, device=device) for _ in range(2))
     starts = range(0, len(images), batch_size)[world.rank::world.size]
     for start in progress_bar(starts, len(starts), description, bar_enabled):
@@ -352,17 +354,19 @@ def evaluate(trainer, images, labels, num_classes, batch_size, description="eval
         correct += (predicted == y).sum()
         correct_tta += (logits_tta.argmax(1) == y).sum()
         confusion += torch.bincount(y * num_classes + predicted, minlength=num_classes * num_classes)
-        nll += nll_sums(logits, y)
+        nll += F.cross_entropy(logits, y, reduction="sum")
+        nll_scaled += F.cross_entropy(logits / temperature, y, reduction="sum")
         bins += calibration_sums(logits, y)
         bins_scaled += calibration_sums(logits / temperature, y)
-    loss_sum, correct, correct_tta, confusion, nll, bins, bins_scaled = world.add_up(
-        loss_sum, correct, correct_tta, confusion, nll, bins, bins_scaled)
+        if fit_temperature:
+            nll_by_temperature += nll_sums(logits, y)
+    loss_sum, correct, correct_tta, confusion, nll, nll_scaled, nll_by_temperature, bins, bins_scaled = world.add_up(
+        loss_sum, correct, correct_tta, confusion, nll, nll_scaled, nll_by_temperature, bins, bins_scaled)
     n = len(images)
-    scaled = int((TEMPERATURES - temperature).abs().argmin())  # temperature is fitted_temperature's, or 1
     return {"loss": loss_sum / n, "acc": correct / n, "acc_tta": correct_tta / n,
             "confusion": [[int(c) for c in confusion[row * num_classes:(row + 1) * num_classes]]
                           for row in range(num_classes)],
-            "nll": nll[ONE] / n, "nll_scaled": nll[scaled] / n, "nll_by_temperature": [v / n for v in nll],
+            "nll": nll / n, "nll_scaled": nll_scaled / n, "nll_by_temperature": [v / n for v in nll_by_temperature],
             **reliability(bins), **{f"{key}_scaled": value for key, value in reliability(bins_scaled).items()}}
 
 
@@ -371,15 +375,17 @@ def evaluate(trainer, images, labels, num_classes, batch_size, description="eval
 # one of TEMPERATURES (1/8 to 16, 1.4% apart) with the lowest validation NLL: a grid instead of Guo's LBFGS,
 # because a sum per temperature adds up over torchrun's ranks like every other count here.
 CALIBRATION_BINS = 15
-TEMPERATURES = torch.logspace(-3, 4, 351, base=2.0)
-ONE = 150  # TEMPERATURES[ONE] == 1
+TEMPERATURES = torch.logspace(-3, 4, 351, base=2.0)  # an epoch at either end logs that end
 
 
 def nll_sums(logits, labels):
-    """The summed negative log-likelihood of `labels` at every temperature of TEMPERATURES: (351,)."""
-    temperatures = TEMPERATURES.to(logits.device)[:, None, None]
-    log_p = torch.log_softmax(logits[None] / temperatures, dim=2)
-    return -log_p.gather(2, labels[None, :, None].expand(len(temperatures), -1, 1)).sum(dim=(1, 2))
+    """The summed negative log-likelihood of `labels` at every temperature of TEMPERATURES: (351,), 32
+    temperatures at a time (a (32, batch, classes) tensor: CIFAR-100 at a batch of 4096 takes 52 MB)."""
+    sums = []
+    for temperatures in TEMPERATURES.to(logits.device).split(32):
+        log_p = torch.log_softmax(logits[None] / temperatures[:, None, None], dim=2)
+        sums.append(-log_p.gather(2, labels[None, :, None].expand(len(temperatures), -1, 1)).sum(dim=(1, 2)))
+    return torch.cat(sums)
 
 
 def calibration_sums(logits, labels):

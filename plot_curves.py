@@ -121,14 +121,14 @@ def curves_figure(logs, labels, summaries):
     loss_axis, acc_axis, ece_axis, lr_axis = figure.subplots(1, 4)
     for index, (log, label, s) in enumerate(zip(logs, labels, summaries)):
         colour = f"C{index}"
-        epochs = [r["epoch"] for r in log["epochs"]]
-
-        single = len(epochs) < 2  # a single point draws no line: markers, one shape per series, instead
 
         def plot(axis, key, style, marker, name, scale=1.0):
-            if all(key in r for r in log["epochs"]):
-                axis.plot(epochs, [scale * r[key] for r in log["epochs"]], style, color=colour,
-                          marker=marker if single else None, label=f"{label} {name}" if len(logs) > 1 else name)
+            # The records that have the key: a run resumed from an earlier version has some without ECE.
+            records = [r for r in log["epochs"] if key in r]
+            if records:  # a single point draws no line: markers, one shape per series, instead
+                axis.plot([r["epoch"] for r in records], [scale * r[key] for r in records], style, color=colour,
+                          marker=marker if len(records) < 2 else None,
+                          label=f"{label} {name}" if len(logs) > 1 else name)
 
         tested = s["accuracy_name"]
         plot(loss_axis, "train_loss", "-", "o", "train")

@@ -3,9 +3,10 @@ Grad-CAM maps at layer4 (for the true and for the predicted class) and their pre
 the epochs so far travel in the checkpoint (a resume goes on with them) and are written to probe.npz beside
 log.json, which `plot_curves.py log.json` draws as a grid and an animation. Nothing happens on import.
 
-    picked = probe.pick(test_labels, 8, seed)                   # one per class first, seeded
-    epoch = probe.explain(trainer, images[picked], labels[picked])   # {"maps_true": (8, 32, 32) float16, ...}
-    probe.write("probe.npz", probe.state(images[picked], labels[picked], picked, [epoch, ...]), classes)
+    picked = probe.pick(test_labels, 8, seed)                             # one per class first, seeded
+    saved = probe.state(images[picked], labels[picked], picked, [])        # what the checkpoint keeps
+    saved["epochs"].append(probe.explain(trainer, saved, epoch))           # maps: (8, 32, 32) float16
+    probe.write("probe.npz", saved, classes)
 
 probe.npz (numpy.load reads it, no pickle): images (N, 32, 32, 3) uint8, labels (N,), indices (N,) into the
 test set, classes, layer, epochs (E,), maps_true and maps_predicted (E, N, 32, 32) float16 in [0, 1],
@@ -21,6 +22,7 @@ from cam import GradCAM
 
 PROBE_NAME = "probe.npz"
 LAYER = "layer4"
+MOST = 100  # images: a batch with gradients each epoch, and 400 KiB an epoch in every checkpoint
 
 
 def pick(labels, count, seed):
@@ -35,16 +37,18 @@ def pick(labels, count, seed):
     return order[first[:count]]
 
 
-def explain(trainer, images, labels):
-    """One epoch's maps and predictions of uint8 (N, 3, 32, 32) `images` (on the trainer's device), in float32
-    and the model's eval mode, as gradcam.py computes them; CPU tensors."""
+def explain(trainer, saved, epoch):
+    """Epoch `epoch`'s maps and predictions of the probe's images (`saved`: state()), in float32 and the
+    model's eval mode, as gradcam.py computes them; CPU tensors."""
     cam = GradCAM(trainer.model, [LAYER])
-    inputs = trainer.inputs(images)
+    inputs = trainer.inputs(saved["images"].to(trainer.device))
+    labels = saved["labels"].to(trainer.device)
     maps_true, logits, _ = cam(inputs, labels)
     maps_predicted, _, predicted = cam(inputs)
     probabilities = logits.float().softmax(dim=1)
-    return {"maps_true": maps_true[:, 0].half().cpu(), "maps_predicted": maps_predicted[:, 0].half().cpu(),
-            "predicted": predicted.cpu(), "probability": probabilities.gather(1, predicted[:, None])[:, 0].cpu(),
+    return {"epoch": epoch, "maps_true": maps_true[:, 0].half().cpu(),
+            "maps_predicted": maps_predicted[:, 0].half().cpu(), "predicted": predicted.cpu(),
+            "probability": probabilities.gather(1, predicted[:, None])[:, 0].cpu(),
             "probability_true": probabilities.gather(1, labels[:, None])[:, 0].cpu()}
 
 

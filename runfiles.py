@@ -1,5 +1,5 @@
-"""What a training run writes into its folder (log.json, last.pt, best.pt: their contents, and how), the
-folder itself, and how --resume reads a run back. Nothing happens on import.
+"""What a training run writes into its folder (log.json, last.pt, best.pt, probe.npz: their contents, and
+how), the folder itself, and how --resume reads a run back. Nothing happens on import.
 
     checkpoint = runfiles.build_checkpoint(trainer, args, data, epoch, history, best)   # CPU tensors, plain values
     runfiles.BackgroundWriter().submit(epoch, snapshot, write)   # write(*snapshot()) while the next epoch trains
@@ -110,8 +110,12 @@ def save_epoch(paths, checkpoint, improved, log, resume_command):
 
 
 def write_probe(paths, checkpoint):
-    if checkpoint.get("probe") and checkpoint["probe"]["epochs"]:  # none: --probe 0, or an earlier version's
+    """probe.npz from the checkpoint's probe; without one (--probe 0), no probe.npz of a replaced run stays."""
+    if checkpoint.get("probe") and checkpoint["probe"]["epochs"]:
         probe.write(paths[probe.PROBE_NAME], checkpoint["probe"], checkpoint["classes"])
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(paths[probe.PROBE_NAME])
 
 
 def data_description(data, test_labels, shortcut=None):

@@ -7,10 +7,11 @@
     torchrun --standalone --nproc_per_node 8 train.py --epochs 50      # the same recipe on 8 GPUs
 
 Writes into --out-dir (default: the current folder) log.json (rewritten after every epoch), last.pt
-(every epoch, for --resume) and best.pt (the best epoch so far), which is what `gradcam.py` and
-`plot_curves.py log.json` read by default. Checkpoints hold only tensors and plain values:
-torch.load(path, weights_only=True) reads them. Under torchrun only rank 0 writes and prints, but for
-errors: one that a process alone meets, it says; one that every process meets, each machine says once.
+(every epoch, for --resume), best.pt (the best epoch so far) and probe.npz (--probe: the Grad-CAM maps of
+8 test images after every epoch), which is what `gradcam.py` and `plot_curves.py log.json` read by
+default. Checkpoints hold only tensors and plain values: torch.load(path, weights_only=True) reads them.
+Under torchrun only rank 0 writes and prints, but for errors: one that a process alone meets, it says;
+one that every process meets, each machine says once.
 The recipes, resuming, torchrun and every output file are described in docs/. The epoch loop is
 train(), just below main(); the training step is in loop.train_one_epoch.
 """
@@ -210,7 +211,8 @@ def check_args(args, world=distributed.World()):
              (("lr",), lambda v: v is None or v > 0, "must be positive"),
              (("label_smoothing",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
              (("warmup",), lambda v: 0 < v < 1, "must be between 0 and 1"),
-             (("cutout",), lambda v: v <= 32, "must be at most 32 pixels"))
+             (("cutout",), lambda v: v <= 32, "must be at most 32 pixels"),
+             (("probe",), lambda v: v <= probe.MOST, f"must be at most {probe.MOST} (its maps are in each checkpoint)"))
     for names, allowed, rule in rules:
         for name in names:
             if not allowed(getattr(args, name)):
@@ -372,12 +374,13 @@ class Run:
     def evaluate(self, record, bar):
         """The validation (with --val-split) and test loss, accuracy and calibration into `record`; with
         --val-split also the temperature fitted on the validation images and the test calibration after it.
-        Returns the test confusion matrix and reliability bins (FINAL_KEYS). Batches: each process's share of
-        a training batch (the memory it has)."""
+        Returns the test confusion matrix and reliability bins (FINAL_KEYS), and the probe's epoch (--probe,
+        rank 0). Batches: each process's share of a training batch (the memory it has)."""
         batch, epoch, classes = self.world.per_rank(self.args.batch_size), record["epoch"], len(self.data.classes)
         temperature = 1.0
         if self.val is not None:
-            val = loop.evaluate(self.trainer, *self.val, classes, batch, f"epoch {epoch} validation", bar)
+            val = loop.evaluate(self.trainer, *self.val, classes, batch, f"epoch {epoch} validation", bar,
+                                fit_temperature=True)
             temperature = loop.fitted_temperature(val)  # never from the test set
             record.update(val_loss=val["loss"], val_acc=val["acc"], val_nll=val["nll"], temperature=temperature)
         test = loop.evaluate(self.trainer, *self.test, classes, batch, f"epoch {epoch} test", bar, temperature)
@@ -386,10 +389,10 @@ class Run:
         if self.val is not None:
             record.update(test_nll_scaled=test["nll_scaled"], test_ece_scaled=test["ece_scaled"])
         final = {"confusion": test["confusion"], "reliability": test["reliability"]}
-        if self.probed is not None and self.world.main:  # rank 0 alone writes it
+        if self.probed is not None:  # rank 0 alone writes it; a failure there stops every rank
             start = time.perf_counter()
-            images, labels = (self.probed[key].to(self.trainer.device) for key in ("images", "labels"))
-            final["probe"] = {"epoch": epoch, **probe.explain(self.trainer, images, labels)}
+            final["probe"] = self.world.together(lambda: probe.explain(self.trainer, self.probed, epoch),
+                                                 here=self.world.main)
             record["probe_seconds"] = time.perf_counter() - start
         return final
 
@@ -406,8 +409,8 @@ class Run:
                                   final if finished else None)
 
     def save(self, record, final):
-        """Snapshot a finished epoch (CPU copies: training goes on) and hand last.pt, best.pt and log.json to
-        the writer, which writes them while the next epoch trains."""
+        """Snapshot a finished epoch (CPU copies: training goes on) and hand last.pt, best.pt, probe.npz and
+        log.json to the writer, which writes them while the next epoch trains."""
         self.files_written()  # the epoch before's, written while this one trained
         epoch, history = record["epoch"], self.history + [record]
         improved = self.best is None or record[self.best_key] > self.best["value"]

@@ -147,6 +147,9 @@ def assert_files_consistent(out):
     if (out / "log.json").exists():
         logged = [r["epoch"] for r in json.loads((out / "log.json").read_text())["epochs"]]
         assert logged == list(range(1, len(logged) + 1)) and epoch - 1 <= len(logged) <= epoch
+    if (out / "probe.npz").exists():  # written between last.pt and log.json
+        probed = np.load(out / "probe.npz")["epochs"].tolist()
+        assert probed == list(range(1, len(probed) + 1)) and epoch - 1 <= len(probed) <= epoch
     return epoch
 
 

@@ -44,14 +44,22 @@ def test_an_over_confident_set_has_the_known_ece_and_its_bins():
     assert bins["accuracy"][:13] == [None] * 13 and bins["accuracy"][14] is None
 
 
+def test_a_certain_prediction_is_in_the_last_bin():
+    # Guo et al.'s bins are (i/15, (i+1)/15]: confidence 1 is in the last, 0.5 in the eighth.
+    logits = torch.tensor([[0.0, -200.0], [0.0, 0.0]])  # confidence 1.0 and 0.5
+    assert loop.reliability(loop.calibration_sums(logits, torch.zeros(2, dtype=torch.long)).tolist())[
+        "reliability"]["count"] == [0] * 7 + [1] + [0] * 6 + [1]
+
+
 def test_the_nll_at_each_temperature_and_the_fitted_temperature():
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(5000, 10, generator=generator)
     labels = torch.distributions.Categorical(logits=logits).sample()  # calibrated at temperature 1
     sharpened = 3 * logits  # over-confident: the right temperature is 3
     nll = loop.nll_sums(sharpened, labels) / len(labels)
-    assert loop.TEMPERATURES[loop.ONE] == 1
-    assert nll[loop.ONE] == pytest.approx(torch.nn.functional.cross_entropy(sharpened, labels).item(), rel=1e-5)
+    one = int((loop.TEMPERATURES - 1).abs().argmin())
+    assert loop.TEMPERATURES[one] == 1
+    assert nll[one] == pytest.approx(torch.nn.functional.cross_entropy(sharpened, labels).item(), rel=1e-5)
     at_2 = int((loop.TEMPERATURES - 2).abs().argmin())
     assert nll[at_2] == pytest.approx(torch.nn.functional.cross_entropy(sharpened / 2, labels).item(), rel=1e-5)
     temperature = loop.fitted_temperature({"nll_by_temperature": nll.tolist()})
@@ -65,14 +73,16 @@ def test_evaluate_with_a_temperature_keeps_the_accuracy(data_dir):
     trainer = loop.Trainer(model, args, "fp32", torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, 1)
     images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(70) % 10
-    plain, scaled = (loop.evaluate(trainer, images, labels, 10, 32, temperature=t) for t in (1.0, 2.5))
+    plain, scaled = (loop.evaluate(trainer, images, labels, 10, 32, temperature=t, fit_temperature=True)
+                     for t in (1.0, 2.5))
     assert plain["confusion"] == scaled["confusion"] and plain["acc"] == scaled["acc"]
     right = sum(k * a for k, a in zip(scaled["reliability_scaled"]["count"], scaled["reliability_scaled"]["accuracy"])
                 if k)
     assert right == pytest.approx(plain["acc"] * 70)  # the same images right, whatever the temperature
     assert scaled["ece"] == plain["ece"] and scaled["ece_scaled"] != plain["ece"]
-    assert scaled["nll_scaled"] == pytest.approx(scaled["nll_by_temperature"][int((loop.TEMPERATURES - 2.5).abs()
-                                                                                  .argmin())])
+    grid_point = int((loop.TEMPERATURES - 2.5).abs().argmin())  # 2.5 is 0.2% from one
+    assert scaled["nll_scaled"] == pytest.approx(scaled["nll_by_temperature"][grid_point], rel=1e-3)
+    assert plain["nll"] == scaled["nll"] == pytest.approx(plain["nll_scaled"])
 
 
 def test_a_run_records_calibration_and_plots_it(data_dir, tmp_path):

@@ -26,6 +26,8 @@ from helpers import (HERE, error_lines, fp16_args, interrupt_after_epoch, run_ma
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--device", "tpu"], "unknown --device"),
     (["--resume", "/nonexistent/last.pt"], "not found"),
+    (["--probe", "-1"], "--probe must not be negative"),
+    (["--probe", "101"], "--probe must be at most 100"),
 ])
 def test_bad_arguments_exit_2_with_one_line(data_dir, tmp_path, capsys, extra, message):
     code, err = run_main(train, tiny_args(data_dir, tmp_path, *extra), capsys)
@@ -173,7 +175,8 @@ def test_resume_into_another_folder_refuses_another_run_and_branches_the_run(dat
     # A finished run branched: nothing to train, and the new folder holds the whole run.
     code, out = run_main(train, ["--resume", str(trained_run / "last.pt"), *machine, "--out-dir", str(tmp_path / "copy")],
                          capsys)
-    assert code == 0 and sorted(os.listdir(tmp_path / "copy")) == [".train.lock", "best.pt", "last.pt", "log.json"]
+    assert code == 0 and sorted(os.listdir(tmp_path / "copy")) == [".train.lock", "best.pt", "last.pt", "log.json",
+                                                                          "probe.npz"]
     copied, original = (json.loads((folder / "log.json").read_text()) for folder in (tmp_path / "copy", trained_run))
     assert copied["epochs"] == original["epochs"] and copied["confusion_matrix"] == original["confusion_matrix"]
 

@@ -257,6 +257,7 @@ def test_gradcam_bad_input(trained_run, tmp_path, capsys):
         (["--checkpoint", checkpoint], "give one of --image"),
         (["--misclassified", "0", "--checkpoint", checkpoint], "--misclassified takes a count of at least 1"),
         (["--confused", "0", "--checkpoint", checkpoint], "--confused takes a count of at least 1"),
+        (["--confused", "26", "--checkpoint", checkpoint], "--confused takes at most 25 pairs"),
         (["--confused", "2", "--checkpoint", checkpoint, "--class", "cat"], "--class works with --image only"),
         (["--image", image, "--correct", "3", "--checkpoint", checkpoint], "(not several)"),
         (["--misclassified", "4", "--checkpoint", checkpoint, "--class", "cat"], "--class works with --image only"),

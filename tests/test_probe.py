@@ -4,7 +4,6 @@ import argparse
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -40,7 +39,8 @@ def gradcam_maps(checkpoint, saved, tmp_path):
     assert gradcam.main(["--image", *paths, *common, "--save-npy", str(tmp_path / "predicted.npy")]) == 0
     true = []
     for path, label in zip(paths, saved["labels"]):
-        assert gradcam.main(["--image", path, "--class", str(label), *common, "--save-npy", str(tmp_path / "t.npy")]) == 0
+        argv = ["--image", path, "--class", str(label), *common, "--save-npy", str(tmp_path / "t.npy")]
+        assert gradcam.main(argv) == 0
         true.append(np.load(tmp_path / "t.npy")[0, 0])
     return np.stack(true), np.load(tmp_path / "predicted.npy")[:, 0]
 
@@ -71,8 +71,9 @@ def test_the_probes_maps_are_gradcams_maps_of_each_epochs_checkpoint_and_survive
     assert all(record["probe_seconds"] > 0 for record in log["epochs"])
 
 
-def test_probe_0_writes_no_probe(data_dir, tmp_path):
-    assert train.main(tiny_args(data_dir, tmp_path, "--probe", "0", "--epochs", "1")) == 0
+def test_probe_0_writes_no_probe_and_leaves_none_of_a_replaced_run(trained_run, data_dir, tmp_path):
+    (tmp_path / "probe.npz").write_bytes((trained_run / "probe.npz").read_bytes())  # another run's
+    assert train.main(tiny_args(data_dir, tmp_path, "--probe", "0", "--epochs", "1", "--overwrite")) == 0
     assert not (tmp_path / "probe.npz").exists()
     assert torch.load(tmp_path / "last.pt", weights_only=True)["probe"] is None
     assert "probe_seconds" not in json.loads((tmp_path / "log.json").read_text())["epochs"][0]
@@ -86,6 +87,17 @@ def test_plot_curves_draws_the_probe_as_a_grid_and_an_animation(trained_run, tmp
     with Image.open(tmp_path / "run_probe.gif") as animation:
         assert animation.n_frames == 2  # a frame per epoch
     assert Image.open(tmp_path / "run_probe.png").size[0] > 1000
+
+
+def test_a_probe_an_epoch_ahead_of_its_log_is_drawn_up_to_the_log(trained_run, tmp_path):
+    # A kill between probe.npz and log.json leaves the probe one epoch ahead (a resume repairs it).
+    log = json.loads((trained_run / "log.json").read_text())
+    log["epochs"] = log["epochs"][:1]
+    (tmp_path / "log.json").write_text(json.dumps(log))
+    (tmp_path / "probe.npz").write_bytes((trained_run / "probe.npz").read_bytes())
+    assert plot_curves.main([str(tmp_path / "log.json"), "--no-confusion"]) == 0
+    with Image.open(tmp_path / "log_probe.gif") as animation:
+        assert animation.n_frames == 1
 
 
 def test_a_damaged_probe_file_is_a_warning_and_the_curves_are_drawn(trained_run, tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
     # Rank 0 alone prints and writes: one start line, one line per epoch, one log, one checkpoint.
     assert len([line for line in out.splitlines() if line.startswith("training from")]) == 1, out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == ["1/4", "2/4", "3/4", "4/4"]
-    assert sorted(n for n in os.listdir(tmp_path)) == [".train.lock", "best.pt", "last.pt", "log.json"]
+    assert sorted(n for n in os.listdir(tmp_path)) == [".train.lock", "best.pt", "last.pt", "log.json", "probe.npz"]
     log = json.loads((tmp_path / "log.json").read_text())
     env = log["environment"]
     assert (env["world_size"], env["nodes"], env["backend"], env["per_rank_batch"]) == (2, 1, "gloo", 10)
