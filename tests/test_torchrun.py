@@ -1,6 +1,7 @@
 """Several processes: real torchrun launches (gloo on the CPU) and the decisions they share."""
 import argparse
 import json
+import math
 import os
 import queue
 import re
@@ -89,27 +90,30 @@ def stderr_when_ended(processes, timeout=120):
             process.kill()
 
 
-def reference_evaluation(checkpoint_path, data_dir, batch_size, precision):
-    """A single process's evaluation of a saved checkpoint on the test batch, one thread (as each rank had),
-    in the run's precision (auto: bf16 or fp32, by the CPU)."""
+def reference_evaluation(checkpoint_path, data_dir, batch_size, precision, part="test"):
+    """A single process's evaluation of a saved checkpoint on the test batch (or its run's validation
+    images, with the temperature grid), one thread (as each rank had), in the run's precision (auto: bf16 or
+    fp32, by the CPU)."""
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     args = argparse.Namespace(**checkpoint["args"])
     model = loop.build_model(10, args, torch.device("cpu"))
     model.load_state_dict(checkpoint["model"])
     trainer = loop.Trainer(model, args, precision, torch.device("cpu"), checkpoint["mean"], checkpoint["std"], 1)
     data = augment.load_dataset("cifar10", data_dir, download=False)
+    images, labels = augment.split_data(data, args)[1] if part == "val" else (data.test_images, data.test_labels)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return loop.evaluate(trainer, augment.to_tensor(data.test_images), torch.from_numpy(data.test_labels),
-                               10, batch_size)
+        return loop.evaluate(trainer, augment.to_tensor(images), torch.from_numpy(labels), 10, batch_size,
+                             fit_temperature=part == "val")
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
-    argv = tiny_args(data_dir, tmp_path, "--epochs", "4", "--train-subset", "200", "--batch-size", "20")
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "4", "--train-subset", "200", "--batch-size", "20",
+                     "--val-split", "20")
     process = torchrun(argv)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
@@ -129,6 +133,10 @@ def test_torchrun_two_processes_make_one_run(data_dir, tmp_path):
     assert log["confusion_matrix"] == reference["confusion"]
     assert last["test_ece"] == pytest.approx(reference["ece"], abs=1e-6)  # float sums: the order differs
     assert log["reliability"]["count"] == reference["reliability"]["count"]
+    # The temperature: fitted on the validation images, whose NLL sums add up over the ranks.
+    val = reference_evaluation(tmp_path / "last.pt", data_dir, batch_size=10, precision=env["precision"], part="val")
+    assert last["val_acc"] == val["acc"]  # float sums in another order: the same grid point, or the next
+    assert abs(math.log2(last["temperature"] / loop.fitted_temperature(val))) < 0.021
 
 
 @pytest.mark.slow
