@@ -445,20 +445,22 @@ class Run:
             self.world.together(self.catch_up_files, here=self.world.main)
         self.resumed = None  # its tensors are in the model and optimizer now
         try:
-            yield
-            self.files_written()
-        except Diverged as error:
-            done = self.files_written()
-            saved = f"{self.paths[LAST_NAME]} still holds epoch {done}" if done else "no epoch was saved"
-            raise Diverged(f"{error}; {saved}. Lower --lr (or check the data) and start again") from None
-        except (Stopped, KeyboardInterrupt) as error:
-            done = self.files_written()  # every rank waits here until rank 0's files are complete
-            saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
-                     f"{self.resume_command}" if done else "no epoch was completed, nothing was saved")
-            raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
+            try:
+                yield
+                self.files_written()
+            except Diverged as error:
+                done = self.files_written()
+                saved = f"{self.paths[LAST_NAME]} still holds epoch {done}" if done else "no epoch was saved"
+                raise Diverged(f"{error}; {saved}. Lower --lr (or check the data) and start again") from None
+            except (Stopped, KeyboardInterrupt) as error:
+                done = self.files_written()  # every rank waits here until rank 0's files are complete
+                saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; continue with: "
+                         f"{self.resume_command}" if done else "no epoch was completed, nothing was saved")
+                raise Stopped(f"at {error or f'epoch {len(self.history) + 1}'}; {saved}") from None
         except BaseException:
-            # Any other failure (a CUDA out-of-memory error, say): the write in progress finishes before
-            # the lock goes, or a next run could take the folder while a file is half-written.
+            # Every way out, also a write that fails while a stop waits for it (a full disk at a SIGTERM):
+            # the write in progress finishes before the lock goes, or a next run could take the folder while
+            # a file is half-written, and the loader's workers end now (augment.stop_workers says why).
             with contextlib.suppress(Exception):
                 self.writer.wait()
             augment.stop_workers(self.loader)

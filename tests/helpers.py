@@ -123,9 +123,12 @@ def save_test_images(folder):
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 
 
-def env_with_pauses(pause_in_write=None, wait_in_epoch=None):
-    """The environment of tests/paused_train.py, which waits where the test will kill or signal it."""
+def env_with_pauses(pause_in_write=None, wait_in_epoch=None, disk_full_at=None):
+    """The environment of tests/paused_train.py, which waits where the test will kill or signal it (and
+    finds the disk full for one file's writes)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if disk_full_at:
+        env["TEST_DISK_FULL_AT"] = disk_full_at
     if pause_in_write:
         env["TEST_PAUSE_IN_WRITE"] = pause_in_write
     if wait_in_epoch:

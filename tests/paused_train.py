@@ -2,11 +2,13 @@
 
     TEST_PAUSE_IN_WRITE=last.pt python tests/paused_train.py ARGS   # waits before last.pt's new version replaces the old
     TEST_WAIT_IN_EPOCH=2 python tests/paused_train.py ARGS          # waits after epoch 2's first step for a signal
+    TEST_DISK_FULL_AT=last.pt python tests/paused_train.py ARGS     # every write of last.pt finds the disk full
 
 Each says where it waits, with its process id, in one line on stderr ("test: inside a write of last.pt
 (pid N)", "test: between steps, waiting for a signal (pid N)"), then waits at most a minute: whatever the
 machine's load, the test's kill or signal lands there.
 """
+import errno
 import os
 import sys
 import time
@@ -36,6 +38,17 @@ def pause_before_replacing(name):
     os.replace = paused_replace
 
 
+def disk_full_at(name):
+    """Every atomic write of `name` fails as a full disk makes it fail, at its last step."""
+    replace = os.replace
+
+    def full_replace(source, destination):
+        if os.path.basename(destination) == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        replace(source, destination)
+    os.replace = full_replace
+
+
 def wait_after_first_step(epoch):
     """In that epoch, the loop's second stop check (after the first step) waits for a signal first."""
     train_one_epoch = loop.train_one_epoch
@@ -60,6 +73,8 @@ def wait_after_first_step(epoch):
 if __name__ == "__main__":
     if os.environ.get("TEST_PAUSE_IN_WRITE"):
         pause_before_replacing(os.environ["TEST_PAUSE_IN_WRITE"])
+    if os.environ.get("TEST_DISK_FULL_AT"):
+        disk_full_at(os.environ["TEST_DISK_FULL_AT"])
     if os.environ.get("TEST_WAIT_IN_EPOCH"):
         wait_after_first_step(int(os.environ["TEST_WAIT_IN_EPOCH"]))
     sys.exit(train.main())

@@ -23,9 +23,9 @@ from helpers import (HERE, PAUSED_TRAIN, assert_files_consistent, env_with_pause
                      save_test_images, tiny_args)
 
 
-def start_training(argv, pause_in_write=None, wait_in_epoch=None):
+def start_training(argv, pause_in_write=None, wait_in_epoch=None, disk_full_at=None):
     return subprocess.Popen([sys.executable, PAUSED_TRAIN, *argv], cwd=HERE, text=True,
-                            env=env_with_pauses(pause_in_write, wait_in_epoch),
+                            env=env_with_pauses(pause_in_write, wait_in_epoch, disk_full_at),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -146,6 +146,20 @@ def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, mo
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+@pytest.mark.slow
+def test_a_stop_that_meets_a_full_disk_ends_the_process(data_dir, tmp_path):
+    # SIGTERM in epoch 2, while epoch 1's last.pt found the disk full: the stop waits for that write and
+    # meets its error. The loader's worker must end with the run (it ignores SIGTERM), or the process
+    # waits for it at exit forever (it did: seen on a development run whose folder was moved away).
+    process = start_training(tiny_args(data_dir, tmp_path, "--workers", "1"), wait_in_epoch=2,
+                             disk_full_at="last.pt")
+    wait_for(lambda: process.stderr.readline().startswith("test: between steps"), process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "could not save epoch 1 (the disk is full)" in stderr, stderr
+    assert not (tmp_path / "last.pt").exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
 def test_checkpoint_is_written_while_the_next_epoch_trains(data_dir, tmp_path, monkeypatch):
