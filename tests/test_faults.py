@@ -135,7 +135,7 @@ def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, mo
     def disk_full_on_second_epoch(fd):  # a file's data reach the disk at its fsync, inside atomic_write
         if stat.S_ISREG(os.fstat(fd).st_mode):  # not a folder's
             writes.append(1)
-            if len(writes) > 2:  # epoch 1 wrote last.pt and log.json; the next write finds the disk full
+            if len(writes) > 3:  # epoch 1 wrote last.pt, probe.npz and log.json; the next write finds the disk full
                 raise OSError(28, "No space left on device")
         fsync(fd)
 
@@ -145,6 +145,7 @@ def test_full_disk_stops_cleanly_and_keeps_previous_files(data_dir, tmp_path, mo
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in json.loads((tmp_path / "log.json").read_text())["epochs"]] == [1]
+    assert assert_files_consistent(tmp_path) == 1  # probe.npz too
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
