@@ -225,7 +225,7 @@ def read_probe(log_path, log):
     without one. A damaged file is a warning: the curves are still drawn."""
     path = os.path.join(os.path.dirname(log_path), PROBE_NAME)
     if not (log.get("args") or {}).get("probe") or not os.path.exists(path):
-        return None  # --probe 0 may leave an earlier run's file in an --overwrite folder: not this run's
+        return None  # a log of --probe 0 (or of an earlier version): a probe.npz beside it is not its own
     import numpy as np
     try:
         with np.load(path, allow_pickle=False) as stored:
