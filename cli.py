@@ -1,6 +1,7 @@
 """What the scripts share at their edges: one-line usage errors, pictures written atomically (and the
-heatmap overlay they draw), quiet ends into closed pipes. Standard library only on import (matplotlib is imported when a picture is drawn):
-plot_curves.py must start fast, without torch. Nothing happens on import.
+heatmap overlay they draw), quiet ends into closed pipes. Standard library only on import (numpy and
+matplotlib are imported when a picture is drawn): plot_curves.py must start fast, without torch. Nothing
+happens on import.
 """
 import argparse
 import io
