@@ -191,6 +191,8 @@ def image_input(path, checkpoint, device="cpu"):
     return model_input(np.stack([resize(load_image(path), (32, 32))]), checkpoint, device)
 
 
+# ----------------------------------------------------------------------------- --image: your own images
+
 def top5_lines(name, probabilities, classes):
     top = torch.topk(probabilities, k=min(5, len(classes)))
     ranked = "  ".join(f"{i + 1}. {classes[c]} {100 * p:.2f}%" for i, (p, c) in
@@ -252,6 +254,8 @@ def image_figure(args, originals, small, maps, targets, probabilities, classes):
     return figure
 
 
+# ----------------------------------------------------------------------------- the test set: grids, confusions
+
 def read_test_set(args, checkpoint):
     data_dir = args.data_dir or checkpoint.get("args", {}).get("data_dir") or "./data"
     try:
@@ -261,21 +265,25 @@ def read_test_set(args, checkpoint):
                          f"or pass --data-dir") from None
 
 
+def predictions(model, images, checkpoint, device):
+    """The model's predicted class of each uint8 (N, 32, 32, 3) image (cam_checks.probabilities batches them)."""
+    return cam_checks.probabilities(model, model_input(images, checkpoint, device)).argmax(dim=1).numpy()
+
+
 def pick_test_images(args, model, checkpoint, device):
     """A seeded walk through the test set, classifying chunks until enough (mis)classified images are found."""
     wanted = args.misclassified or args.correct
     data = read_test_set(args, checkpoint)
     order = np.random.default_rng(args.seed).permutation(len(data.test_labels))
     chosen, predicted = [], []
-    with torch.no_grad():
-        for start in range(0, len(order), 512):
-            chunk = order[start:start + 512]
-            guesses = model(model_input(data.test_images[chunk], checkpoint, device)).argmax(1).cpu().numpy()
-            keep = (guesses != data.test_labels[chunk]) if args.misclassified else (guesses == data.test_labels[chunk])
-            chosen += chunk[keep].tolist()
-            predicted += guesses[keep].tolist()
-            if len(chosen) >= wanted:
-                break
+    for start in range(0, len(order), 512):
+        chunk = order[start:start + 512]
+        guesses = predictions(model, data.test_images[chunk], checkpoint, device)
+        keep = (guesses != data.test_labels[chunk]) if args.misclassified else (guesses == data.test_labels[chunk])
+        chosen += chunk[keep].tolist()
+        predicted += guesses[keep].tolist()
+        if len(chosen) >= wanted:
+            break
     if not chosen:
         raise UsageError(f"no {'misclassified' if args.misclassified else 'correctly classified'} test images")
     return data, chosen[:wanted], predicted[:wanted]
@@ -313,13 +321,6 @@ def grid_figure(images, maps, truth, predicted, classes, args, kind, official=Tr
     figure.suptitle(textwrap.fill(title, width=22 * columns), fontsize=10)
     figure.tight_layout()
     return figure
-
-
-def predictions(model, images, checkpoint, device):
-    """The model's predicted class of each uint8 (N, 32, 32, 3) image, in chunks."""
-    with torch.no_grad():
-        return np.concatenate([model(model_input(images[start:start + 512], checkpoint, device)).argmax(1).cpu().numpy()
-                               for start in range(0, len(images), 512)])
 
 
 def most_confused(labels, predicted, num_classes, count):
@@ -378,6 +379,8 @@ def confused_figure(data, per_pair, maps, pairs, args):
     figure.tight_layout(rect=(0.06, 0, 1, 1))
     return figure
 
+
+# ----------------------------------------------------------------------------- the checks of the maps
 
 def check_on_test_images(args, model, checkpoint, device, flag):
     """--sanity-check, --faithfulness or --shortcut (cam_checks.HELP) on that many seeded test images (for
@@ -442,6 +445,8 @@ def marked(figure, checkpoint):
                     f"--plant-shortcut), not a clean one", ha="center", va="bottom", color="firebrick", fontsize=9)
     return figure
 
+
+# ----------------------------------------------------------------------------- the whole command
 
 def explain(args):
     """Everything but the printing: the pictures and arrays are written first, so that a reader that

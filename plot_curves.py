@@ -21,8 +21,8 @@ from cli import UsageError, warn
 LOG_FORMAT = "resnet18-cifar-log/1"  # train.py writes this (runfiles.py); a test keeps the two equal
 RECORD_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta", "seconds")
 PROBE_NAME = "probe.npz"  # train.py --probe writes it beside log.json (probe.py); a test keeps the two equal
-PROBE_KEYS = ("images", "labels", "classes", "layer", "epochs", "maps_true", "maps_predicted", "predicted",
-              "probability", "probability_true")
+PROBE_EPOCH_KEYS = ("epochs", "maps_true", "maps_predicted", "predicted", "probability", "probability_true")
+PROBE_KEYS = ("images", "labels", "classes", "layer", *PROBE_EPOCH_KEYS)
 PROBE_ROWS = 10  # epochs in the grid picture (evenly spaced, the first and last among them); the GIF has all
 
 
@@ -234,8 +234,7 @@ def read_probe(log_path, log):
         warn(f"{path} is not a probe file that train.py wrote ({type(error).__name__}); its pictures are skipped")
         return None
     kept = probe["epochs"] <= log["epochs"][-1]["epoch"]  # a kill may leave it an epoch ahead of the log
-    return {key: value[kept] if key in ("epochs", "maps_true", "maps_predicted", "predicted", "probability",
-                                        "probability_true") else value for key, value in probe.items()}
+    return {key: value[kept] if key in PROBE_EPOCH_KEYS else value for key, value in probe.items()}
 
 
 def probe_cell(axis, image, heatmap, text, colour):
